@@ -1,0 +1,180 @@
+"""Typed job configuration: dataclasses loaded from YAML, overridable from the command line.
+
+A job config names one dataset x model. Every field has a default, a YAML file under
+``configs/`` overrides some, and ``key.sub=value`` pairs on the command line override the
+rest (``train.max_steps=100 model.dim=128``). Values from the command line are parsed as
+YAML scalars, so ``eval.mask_history=true`` and ``data.max_users=null`` do what they say.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def default_data_dir() -> str:
+    """Where raw datasets live: ``$RECSYS_DATA_DIR`` or ``<repo>/../shared/datasets``."""
+    return os.environ.get("RECSYS_DATA_DIR", str(REPO_ROOT.parent / "shared" / "datasets"))
+
+
+@dataclass
+class DataConfig:
+    """Which dataset, where its shards live and how batches are read."""
+
+    dataset: str = "ml-1m"
+    data_dir: str | None = None  # raw data; None -> default_data_dir()
+    shards_url: str | None = None  # fsspec URL of the shard folder; None -> shards_out/<dataset>
+    build_if_missing: bool = True  # build shards from raw data when the manifest is absent
+    max_len: int = 50  # history length fed to the encoders (most recent items)
+    train_prefixes_per_user: int | None = None  # None: every prefix is a training sample
+    max_users: int | None = None  # keep the first N users (small slices for tests)
+    samples_per_shard: int = 20000
+    num_workers: int = 0  # DataLoader workers per rank
+
+    def resolved_shards_url(self) -> str:
+        if self.shards_url:
+            return self.shards_url
+        suffix = "" if self.max_users is None else f"-u{self.max_users}"
+        return str(REPO_ROOT / "shards_out" / f"{self.dataset}-L{self.max_len}{suffix}")
+
+
+@dataclass
+class ModelConfig:
+    """Dense model: which builder and its hyperparameters."""
+
+    name: str = "diffurec"  # diffurec | sasrec
+    dim: int = 64  # embedding and hidden size
+    num_blocks: int = 2
+    num_heads: int = 2
+    dropout: float = 0.1  # inside Transformer blocks
+    emb_dropout: float = 0.3  # on item embeddings (DiffuRec paper: 0.3)
+    # diffusion (DiffuRec)
+    diffusion_steps: int = 32
+    schedule: str = "trunc_linear"
+    lambda_uncertainty: float = 0.001  # lambda ~ N(value, value) per history item
+
+
+@dataclass
+class SparseConfig:
+    """The TorchRec item table: sharding and its fused (in-backward) optimizer."""
+
+    sharding: str = "row_wise"  # row_wise | table_wise | column_wise
+    optimizer: str = "rowwise_adagrad"  # rowwise_adagrad | sgd
+    lr: float = 0.05
+    eps: float = 1e-8
+    init_std: float = 0.02  # rows ~ N(0, init_std^2), row 0 (padding) = 0
+    init_block_rows: int = 65536  # rows per init block of the world-size-independent stream
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation of the dense part under DeepSpeed, and the loop."""
+
+    batch_size: int = 256  # per rank
+    max_steps: int = 300
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.98)
+    zero_stage: int = 1
+    grad_clip: float = 1.0  # dense parameters only (DeepSpeed)
+    loss: str = "full_ce"  # full_ce | sampled_softmax
+    num_negatives: int = 1024  # sampled_softmax: uniform negatives shared by the batch
+    eval_every: int = 0  # validate every N steps (0: only at the end)
+    log_every: int = 10
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
+class EvalConfig:
+    """Full-catalog evaluation protocol."""
+
+    ks: tuple[int, ...] = (5, 10, 20, 50)
+    batch_size: int = 512  # users per rank per batch
+    mask_history: bool = False  # remove already-seen items from the candidates
+    seed: int = 2024  # diffusion sampling noise at eval (per user, world-size independent)
+    select_metric: str = "NDCG@10"  # validation metric that selects the checkpoint
+    val_max_users: int | None = None  # validate on a fixed subset (first N users) for speed
+    item_chunk: int = 65536  # items scored per matmul chunk (bounds memory)
+
+
+@dataclass
+class JobConfig:
+    """One training job: dataset x model, plus where its outputs go."""
+
+    name: str = "ml1m-diffurec"
+    output_dir: str = "runs"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sparse: SparseConfig = field(default_factory=SparseConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value: Any, current: Any, name: str) -> Any:
+    """Convert a YAML value to the type of the field's current value where obvious."""
+    if isinstance(current, tuple) and isinstance(value, list):
+        return tuple(value)
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def _apply(obj: Any, updates: dict[str, Any], where: str) -> None:
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in updates.items():
+        if key not in names:
+            raise KeyError(f"unknown config field '{where}{key}' (known: {sorted(names)})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise TypeError(f"config field '{where}{key}' is a section; got {value!r}")
+            _apply(current, value, f"{where}{key}.")
+        else:
+            setattr(obj, key, _coerce(value, current, where + key))
+
+
+def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
+    """Turn ``["train.max_steps=100", "model.dim=128"]`` into a nested dict."""
+    nested: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ValueError(f"override '{pair}' is not of the form key.sub=value")
+        key, raw = pair.split("=", 1)
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(raw)
+    return nested
+
+
+def load_config(path: str | os.PathLike[str] | None = None, overrides: Sequence[str] = ()) -> JobConfig:
+    """Load a JobConfig from a YAML file (optional) and apply command-line overrides."""
+    cfg = JobConfig()
+    if path is not None:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        _apply(cfg, data, "")
+    _apply(cfg, parse_overrides(overrides), "")
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any]) -> JobConfig:
+    """Rebuild a JobConfig from ``to_dict()`` output (e.g. stored in a checkpoint or metrics)."""
+    cfg = JobConfig()
+    _apply(cfg, data, "")
+    return cfg

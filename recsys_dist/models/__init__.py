@@ -1,0 +1,31 @@
+"""Model registry: a model is one builder from a ModelConfig to a dense nn.Module.
+
+Modules here are pure torch math: no torchrec, torch.distributed or deepspeed imports.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from recsys_dist.config import ModelConfig
+from recsys_dist.models.base import SequenceRecommender
+from recsys_dist.models.diffurec import DiffuRec
+from recsys_dist.models.sasrec import SASRec
+
+Builder = Callable[[ModelConfig, int], SequenceRecommender]
+
+MODELS: dict[str, Builder] = {
+    "diffurec": lambda c, max_len: DiffuRec(c.dim, c.num_blocks, c.num_heads, c.dropout, c.emb_dropout,
+                                            c.diffusion_steps, c.schedule, c.lambda_uncertainty),
+    "sasrec": lambda c, max_len: SASRec(c.dim, max_len, c.num_blocks, c.num_heads, c.dropout, c.emb_dropout),
+}
+
+
+def build_model(cfg: ModelConfig, max_len: int) -> SequenceRecommender:
+    """Instantiate the dense model named by ``cfg.name``."""
+    if cfg.name not in MODELS:
+        raise ValueError(f"unknown model '{cfg.name}' (known: {sorted(MODELS)})")
+    return MODELS[cfg.name](cfg, max_len)
+
+
+__all__ = ["MODELS", "build_model", "SequenceRecommender", "DiffuRec", "SASRec"]

@@ -1,0 +1,36 @@
+"""SASRec (Kang & McAuley, 2018): causal self-attention over the history; the last position's
+output is the query. Trained here with full-catalog softmax CE on the next item, the same
+loss and harness as DiffuRec."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from recsys_dist.models.base import SequenceRecommender
+from recsys_dist.models.transformer import TransformerEncoder
+
+
+class SASRec(SequenceRecommender):
+    def __init__(self, dim: int, max_len: int, num_blocks: int, num_heads: int,
+                 dropout: float, emb_dropout: float) -> None:
+        super().__init__()
+        self.dim = dim
+        self.pos = nn.Embedding(max_len, dim)  # position L-1 = most recent item
+        nn.init.normal_(self.pos.weight, std=0.02)
+        self.drop = nn.Dropout(emb_dropout)
+        self.encoder = TransformerEncoder(dim, num_blocks, num_heads, dropout, causal=True)
+
+    def _encode(self, hist: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        L = hist.shape[1]
+        x = hist * math.sqrt(self.dim) + self.pos.weight[-L:][None]
+        x = self.drop(x) * mask[..., None]
+        return self.encoder(x, mask)[:, -1]
+
+    def forward(self, hist, mask, target, noise):
+        return self._encode(hist, mask)
+
+    def infer(self, hist, mask, noise):
+        return self._encode(hist, mask)
