@@ -1,0 +1,1 @@
+"""Command-line launcher: prepare data, launch training (local / torchrun / deepspeed), demo."""

@@ -1,0 +1,117 @@
+"""Implementations of the launcher's commands (kept apart from argument parsing)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from recsys_dist.config import REPO_ROOT, JobConfig, default_data_dir, load_config
+
+METRIC_COLUMNS = ["HR@5", "HR@10", "HR@20", "HR@50", "NDCG@5", "NDCG@10", "NDCG@20", "NDCG@50"]
+
+
+def prepare(args) -> int:
+    """Build the shards of a job's dataset (idempotent)."""
+    from shards import build_shards, summarize
+
+    cfg = load_config(args.config, args.overrides)
+    manifest = build_shards(cfg.data.dataset, cfg.data.resolved_shards_url(),
+                            data_dir=cfg.data.data_dir or default_data_dir(), max_len=cfg.data.max_len,
+                            train_prefixes_per_user=cfg.data.train_prefixes_per_user,
+                            samples_per_shard=cfg.data.samples_per_shard, seed=cfg.train.seed,
+                            max_users=cfg.data.max_users)
+    print(summarize(manifest))
+    return 0
+
+
+def torchrun_command(args, config: str | None, overrides: list[str]) -> list[str]:
+    """The torchrun (or deepspeed launcher) command line that runs ``recsys_dist.train``."""
+    worker = ["-m", "recsys_dist.train"] + (["--config", config] if config else []) + list(overrides)
+    if args.launcher == "deepspeed":
+        cmd = [shutil.which("deepspeed") or "deepspeed", f"--num_gpus={args.nproc_per_node}"]
+        if args.hostfile:
+            cmd += ["--hostfile", args.hostfile]
+        return cmd + ["--module", "recsys_dist.train"] + worker[2:]
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc_per_node}",
+           f"--nnodes={args.nnodes}", f"--max-restarts={args.max_restarts}"]
+    if args.rdzv_endpoint:
+        cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={args.rdzv_endpoint}", f"--rdzv-id={args.rdzv_id}"]
+    else:
+        cmd += ["--standalone"]
+    if args.node_rank is not None:
+        cmd += [f"--node-rank={args.node_rank}"]
+    return cmd + worker
+
+
+def train(args) -> int:
+    """Launch one job and wait for it; the exit code is the job's."""
+    load_config(args.config, args.overrides)  # fail fast on a bad config, before any launch
+    if args.launcher == "local":
+        from recsys_dist.train.__main__ import main as worker_main
+        return worker_main((["--config", args.config] if args.config else []) + list(args.overrides))
+    cmd = torchrun_command(args, args.config, args.overrides)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // max(args.nproc_per_node, 1))))
+    print("+ " + " ".join(cmd), file=sys.stderr, flush=True)
+    return subprocess.call(cmd, env=env)
+
+
+def metrics_table(rows: list[tuple[str, dict]]) -> str:
+    """Markdown table of full-catalog test metrics (percent) for (label, metrics) rows."""
+    head = "| model | " + " | ".join(METRIC_COLUMNS) + " |"
+    sep = "|---|" + "---:|" * len(METRIC_COLUMNS)
+    lines = [head, sep]
+    for label, m in rows:
+        lines.append(f"| {label} | " + " | ".join(f"{100 * m[c]:.2f}" for c in METRIC_COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def demo(args) -> int:
+    """Train every demo model on 2 ranks and print one comparison table."""
+    t_start = time.perf_counter()
+    rows: list[tuple[str, dict]] = []
+    details = []
+    popularity = None
+    for model in args.models:
+        config = str(REPO_ROOT / "configs" / f"{args.dataset_config}_{model}.yaml")
+        cfg = load_config(config, args.overrides)
+        ns = _train_namespace(args.nproc_per_node)
+        code = subprocess.call(torchrun_command(ns, config, list(args.overrides)),
+                               env=dict(os.environ, PYTHONPATH=str(REPO_ROOT),
+                                        OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1")))
+        if code != 0:
+            print(f"[demo] training {model} failed with exit code {code}", file=sys.stderr)
+            return code
+        metrics = json.loads((cfg.run_dir() / "metrics.json").read_text())
+        rows.append((model, metrics["test"]))
+        popularity = metrics["popularity_test"]
+        details.append(f"| {model} | {metrics['steps']} | {metrics['selected_step']} | "
+                       f"{metrics['seconds_per_step']:.3f} | {metrics['samples_per_second']:.0f} | "
+                       f"{metrics['test']['seconds']:.1f} | {cfg.run_dir()} |")
+    if popularity is not None:
+        rows.append(("popularity", popularity))
+    wall = time.perf_counter() - t_start
+    n_users = int(rows[0][1]["num_users"]) if rows else 0
+    text = "\n".join([
+        f"Full-catalog test metrics (%), {n_users} users, {args.nproc_per_node} ranks, "
+        f"selected on validation, test evaluated once:", "",
+        metrics_table(rows), "",
+        "| model | steps | selected step | s/step | samples/s | test eval s | run dir |",
+        "|---|---:|---:|---:|---:|---:|---|", *details, "",
+        f"demo wall time: {wall / 60:.1f} min"])
+    print("\n" + text)
+    out = REPO_ROOT / "runs" / "demo"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.md").write_text(text + "\n")
+    return 0
+
+
+def _train_namespace(nproc: int):
+    import argparse
+    return argparse.Namespace(nproc_per_node=nproc, nnodes="1", node_rank=None, rdzv_endpoint=None,
+                              rdzv_id="recsys-dist", max_restarts=0, launcher="torchrun", hostfile=None)

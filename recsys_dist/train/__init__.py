@@ -1,0 +1,1 @@
+"""Training: the DeepSpeed dense engine, the step, sharded losses, the loop and its outputs."""

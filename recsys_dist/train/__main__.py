@@ -1,0 +1,34 @@
+"""Worker entry point, one process per rank: ``torchrun ... -m recsys_dist.train --config X k=v``.
+
+Use ``python -m launcher train`` to get the launch (torchrun / deepspeed / single process) done
+for you; this module is what each rank runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from recsys_dist.config import load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m recsys_dist.train",
+                                     description="Train + evaluate one job on this rank.")
+    parser.add_argument("--config", help="YAML job config (configs/*.yaml)")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.max_steps=100")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    from recsys_dist.train.loop import fit
+    result = fit(cfg)
+    import torch.distributed as dist
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(json.dumps({"test": result["test"], "popularity_test": result["popularity_test"]}))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

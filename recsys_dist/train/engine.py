@@ -1,0 +1,41 @@
+"""The DeepSpeed engine for the dense part.
+
+Only the dense module goes to ``deepspeed.initialize``; the TorchRec table stays a separate
+object (DeepSpeed broadcasts the parameters it is given from rank 0, which would overwrite
+every other rank's table shard with rank 0's rows).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from recsys_dist.config import TrainConfig
+
+
+def deepspeed_config(cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
+    """ZeRO stage from config; bf16 on GPU, fp32 on CPU; clipping covers dense params only."""
+    return {
+        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "gradient_accumulation_steps": 1,  # the fused table update has no accumulation
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "bf16": {"enabled": device.type == "cuda"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_engine(model: nn.Module, cfg: TrainConfig, device: torch.device):
+    """Wrap the dense model: returns a DeepSpeedEngine (data-parallel, ZeRO 1/2)."""
+    import deepspeed  # heavy import, kept local
+
+    model.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
+                                  weight_decay=cfg.weight_decay)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                           config=deepspeed_config(cfg, device),
+                                           dist_init_required=False)
+    return engine

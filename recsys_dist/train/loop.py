@@ -1,0 +1,187 @@
+"""The training job: shards -> sharded table + DeepSpeed dense -> validate -> test once.
+
+Read top to bottom: ``fit`` is the whole job. Checkpoint selection uses the validation split
+only; the test split is evaluated exactly once, for the selected state.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from recsys_dist.config import JobConfig, default_data_dir
+from recsys_dist.models import build_model
+from recsys_dist.sparse import ShardedItemTable
+from recsys_dist.train.distributed import barrier, init_distributed, pick_device, seed_everything
+from recsys_dist.train.engine import build_engine
+from recsys_dist.train.report import RunReport, setup_logging
+from recsys_dist.train.step import train_step
+from recsys_dist.train.validate import evaluate_model, evaluate_popularity
+
+log = logging.getLogger("recsys_dist.train")
+
+
+def ensure_shards(cfg: JobConfig, rank: int) -> dict[str, Any]:
+    """Rank 0 builds the shards when their manifest is missing (local data), others wait."""
+    from shards import build_shards, load_manifest
+
+    url = cfg.data.resolved_shards_url()
+    if rank == 0 and cfg.data.build_if_missing:
+        build_shards(cfg.data.dataset, url, data_dir=cfg.data.data_dir or default_data_dir(),
+                     max_len=cfg.data.max_len, train_prefixes_per_user=cfg.data.train_prefixes_per_user,
+                     samples_per_shard=cfg.data.samples_per_shard, seed=cfg.train.seed,
+                     max_users=cfg.data.max_users)
+    barrier()
+    return load_manifest(url)
+
+
+def _reader(cfg: JobConfig, manifest: dict, split: str, rank: int, world: int, train: bool,
+            batch_size: int, epoch: int = 0):
+    from shards import ShardReader, plan_batches
+
+    url = cfg.data.resolved_shards_url()
+    max_batches = None
+    if train:
+        counts = plan_batches(manifest, split, batch_size, world, max(cfg.data.num_workers, 1), drop_last=True)
+        max_batches = min(counts)
+        if max_batches == 0:
+            raise ValueError(f"split '{split}' has too few samples for batch {batch_size} x {world} ranks")
+    reader = ShardReader(url, split, batch_size=batch_size, rank=rank, world_size=world,
+                         max_len=cfg.data.max_len, num_items=manifest["num_items"], shuffle=train,
+                         seed=cfg.train.seed, epoch=epoch, drop_last=train, max_batches=max_batches)
+    loader = DataLoader(reader, batch_size=None, num_workers=cfg.data.num_workers,
+                        persistent_workers=False)
+    return loader, max_batches
+
+
+def _subset(batches, max_users: int | None) -> Iterator[dict]:
+    """Keep users with id < max_users (a fixed validation subset, same on any world size)."""
+    for b in batches:
+        if max_users is not None:
+            keep = b["user"] < max_users
+            b = {k: v[keep] for k, v in b.items()}
+        yield b
+
+
+@dataclass
+class Snapshot:
+    """In-memory copy of the selected state: dense weights and this rank's table shards."""
+
+    step: int
+    dense: dict[str, torch.Tensor]
+    shards: list[torch.Tensor]
+
+    @classmethod
+    def take(cls, step: int, engine, table: ShardedItemTable) -> "Snapshot":
+        return cls(step, {k: v.detach().clone() for k, v in engine.module.state_dict().items()},
+                   [t.detach().clone() for _, _, t in table.local_shards()])
+
+    def restore(self, engine, table: ShardedItemTable) -> None:
+        engine.module.load_state_dict(self.dense)
+        with torch.no_grad():
+            for (_, _, t), saved in zip(table.local_shards(), self.shards):
+                t.copy_(saved)
+
+
+def fit(cfg: JobConfig) -> dict[str, Any]:
+    """Train and evaluate one job; returns (on every rank) the metrics written to metrics.json."""
+    device = pick_device(cfg.train.device)
+    rank, world = init_distributed(device)
+    run_dir = cfg.run_dir()
+    setup_logging(rank, run_dir)
+    seed_everything(cfg.train.seed)
+    log.info("job %s: %s on %s, %d rank(s), device %s", cfg.name, cfg.model.name, cfg.data.dataset, world, device)
+
+    manifest = ensure_shards(cfg, rank)
+    num_rows = int(manifest["num_items"]) + 1
+    model = build_model(cfg.model, cfg.data.max_len)
+    table = ShardedItemTable.create(num_rows, cfg.model.dim, cfg.sparse, device, cfg.train.batch_size, cfg.train.seed)
+    engine = build_engine(model, cfg.train, device)
+    report = RunReport(run_dir, rank)
+
+    from tqdm import tqdm
+    bar = tqdm(total=cfg.train.max_steps, desc=f"train {cfg.name}", disable=rank != 0, dynamic_ncols=True)
+    best: Snapshot | None = None
+    best_value = float("-inf")
+    last_val: dict[str, float] = {}
+    step, epoch, t_train, t_steps = 0, 0, 0.0, 0
+
+    def validate() -> None:
+        nonlocal best, best_value, last_val
+        loader, _ = _reader(cfg, manifest, "val", rank, world, False, cfg.eval.batch_size)
+        t0 = time.perf_counter()
+        metrics = evaluate_model(engine.module, table, _subset(loader, cfg.eval.val_max_users), cfg.eval, cfg.data.max_len)
+        metrics["seconds"] = time.perf_counter() - t0
+        report.validation(step, metrics)
+        last_val = metrics
+        value = metrics[cfg.eval.select_metric]
+        log.info("step %d val %s", step, _fmt(metrics))
+        if value > best_value:
+            best_value, best = value, Snapshot.take(step, engine, table)
+
+    while step < cfg.train.max_steps:
+        loader, steps_per_epoch = _reader(cfg, manifest, "train", rank, world, True, cfg.train.batch_size, epoch)
+        if epoch == 0:
+            log.info("%d steps per epoch (batch %d x %d ranks)", steps_per_epoch, cfg.train.batch_size, world)
+        for batch in loader:
+            t0 = time.perf_counter()
+            loss = train_step(engine, table, batch["history"].to(device), batch["target"].to(device), step, cfg.train.seed)
+            step += 1
+            if step > 2:  # the first steps pay for lazy initialisation
+                t_train += time.perf_counter() - t0
+                t_steps += 1
+            if step % cfg.train.log_every == 0 or step == 1:
+                report.loss(step, loss.item())
+                bar.set_postfix(loss=f"{loss.item():.3f}", epoch=epoch)
+            bar.update(1)
+            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps:
+                validate()
+            if step >= cfg.train.max_steps:
+                break
+        epoch += 1
+    bar.close()
+    validate()
+
+    assert best is not None
+    best.restore(engine, table)
+    loader, _ = _reader(cfg, manifest, "test", rank, world, False, cfg.eval.batch_size)
+    t0 = time.perf_counter()
+    test = evaluate_model(engine.module, table, loader, cfg.eval, cfg.data.max_len)
+    test["seconds"] = time.perf_counter() - t0
+    log.info("test (state of step %d, selected on val %s): %s", best.step, cfg.eval.select_metric, _fmt(test))
+
+    popularity = popularity_metrics(cfg, manifest, rank, world)
+    payload = {
+        "name": cfg.name, "model": cfg.model.name, "dataset": cfg.data.dataset, "world_size": world,
+        "device": str(device), "steps": step, "epochs_started": epoch,
+        "selected_step": best.step, "select_metric": cfg.eval.select_metric, "best_val": best_value,
+        "test": test, "popularity_test": popularity, "last_val": last_val,
+        "seconds_per_step": t_train / max(t_steps, 1),
+        "samples_per_second": cfg.train.batch_size * world * t_steps / max(t_train, 1e-9),
+        "protocol": {"mask_history": cfg.eval.mask_history, "padding_is_candidate": False,
+                     "full_catalog": True, "ties": "items scoring strictly higher count against the target",
+                     "eval_noise_seed": cfg.eval.seed, "selection": "validation", "test_evaluated_once": True},
+        "config": cfg.to_dict(),
+    }
+    report.save(payload)
+    report.close()
+    barrier()
+    return payload
+
+
+def popularity_metrics(cfg: JobConfig, manifest: dict, rank: int, world: int) -> dict[str, float]:
+    """Test metrics of the popularity ranker (train-split counts) through the same evaluator."""
+    from shards import load_item_counts
+    counts = torch.as_tensor(load_item_counts(cfg.data.resolved_shards_url(), manifest))
+    loader, _ = _reader(cfg, manifest, "test", rank, world, False, cfg.eval.batch_size)
+    return evaluate_popularity(counts, int(manifest["num_items"]) + 1, loader, cfg.eval, rank, world)
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())

@@ -1,0 +1,85 @@
+"""Losses whose softmax runs over item rows spread across ranks.
+
+``sharded_softmax_ce`` is the full-catalog cross-entropy: every rank scores all ranks'
+queries against its own block of item rows, and the log-sum-exp is combined exactly across
+ranks (max by all-reduce MAX, sum of exponentials by a differentiable all-reduce SUM), so the
+value and the gradients equal ``F.cross_entropy`` over the gathered logits.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+class _AllGather(torch.autograd.Function):
+    """Concatenate equal-size (b, d) tensors from all ranks; backward returns this rank's
+    slice of the summed gradient (all-reduce then slice: works on gloo and NCCL)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:  # type: ignore[override]
+        ctx.group, ctx.b = group, x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        r = dist.get_rank(ctx.group)
+        return grad[r * ctx.b:(r + 1) * ctx.b], None
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks; the gradient of a sum is the sum of the gradients."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:  # type: ignore[override]
+        ctx.group = group
+        out = x.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def _world(group: dist.ProcessGroup | None) -> tuple[int, int]:
+    if not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def sharded_softmax_ce(queries: torch.Tensor, target_logits: torch.Tensor, item_block: torch.Tensor,
+                       group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Mean softmax CE of this rank's queries over the whole catalog.
+
+    Args:
+        queries: (b, d) this rank's query vectors; b must be equal on every rank.
+        target_logits: (b,) q . e_target for this rank's samples (already looked up).
+        item_block: (n_r, d) this rank's candidate rows (padding excluded); n_r may be 0.
+    Returns:
+        scalar: mean over this rank's b samples of logsumexp_j(q . e_j) - q . e_target.
+    """
+    rank, world = _world(group)
+    b = queries.shape[0]
+    if world > 1:
+        q_all = _AllGather.apply(queries, group)  # (W*b, d), grads flow back
+    else:
+        q_all = queries
+    logits = q_all @ item_block.t()  # (W*b, n_r)
+    if logits.shape[1]:
+        m = logits.detach().max(dim=1).values
+    else:
+        m = torch.full((q_all.shape[0],), float("-inf"), dtype=q_all.dtype, device=q_all.device)
+    if world > 1:
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+    s = torch.exp(logits - m[:, None]).sum(dim=1)
+    if world > 1:
+        s = _AllReduceSum.apply(s, group)
+    lse = (m + torch.log(s))[rank * b:(rank + 1) * b]
+    return (lse - target_logits).mean()

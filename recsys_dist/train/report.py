@@ -1,0 +1,99 @@
+"""Run outputs on rank 0: a readable log, TensorBoard scalars, metrics JSON and a loss PNG."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("recsys_dist")
+
+
+def setup_logging(rank: int, run_dir: Path | None = None) -> None:
+    """Rank-prefixed log lines on stderr (rank 0 at INFO, others at WARNING) and a file."""
+    level = logging.INFO if rank == 0 else logging.WARNING
+    fmt = logging.Formatter(f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    root = logging.getLogger()
+    root.setLevel(level)
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(fmt)
+    root.addHandler(handler)
+    if run_dir is not None and rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(run_dir / "train.log")
+        fh.setFormatter(fmt)
+        root.addHandler(fh)
+    for noisy in ("torchrec", "torch.distributed", "DeepSpeed", "deepspeed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class RunReport:
+    """Collects the loss curve and metrics; writes files on rank 0 only."""
+
+    def __init__(self, run_dir: Path, rank: int) -> None:
+        self.run_dir = run_dir
+        self.rank = rank
+        self.losses: list[tuple[int, float]] = []
+        self.val: list[tuple[int, dict[str, float]]] = []
+        self.writer = None
+        if rank == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+            except ImportError:  # tensorboard is optional at run time
+                log.warning("tensorboard not installed: no event files")
+
+    def loss(self, step: int, value: float) -> None:
+        self.losses.append((step, value))
+        if self.writer is not None:
+            self.writer.add_scalar("train/loss", value, step)
+
+    def validation(self, step: int, metrics: dict[str, float]) -> None:
+        self.val.append((step, metrics))
+        if self.writer is not None:
+            for k, v in metrics.items():
+                if k != "num_users":
+                    self.writer.add_scalar(f"val/{k}", v, step)
+
+    def save(self, payload: dict[str, Any]) -> None:
+        """Write metrics.json (atomically) and loss.png."""
+        if self.rank != 0:
+            return
+        payload = dict(payload, loss_curve=self.losses, validation=self.val)
+        tmp = self.run_dir / "metrics.json.tmp"
+        tmp.write_text(json.dumps(payload, indent=2, default=str))
+        os.replace(tmp, self.run_dir / "metrics.json")
+        self._plot()
+        if self.writer is not None:
+            self.writer.flush()
+
+    def _plot(self) -> None:
+        if not self.losses:
+            return
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        steps, values = zip(*self.losses)
+        ax.plot(steps, values, label="train CE")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.set_title(self.run_dir.name)
+        if self.val:
+            ax2 = ax.twinx()
+            key = next(k for k in self.val[-1][1] if k.startswith("NDCG"))
+            ax2.plot([s for s, _ in self.val], [m[key] for _, m in self.val], "o-", color="tab:orange", label=f"val {key}")
+            ax2.set_ylabel(f"val {key}")
+        fig.tight_layout()
+        fig.savefig(self.run_dir / "loss.png", dpi=100)
+        plt.close(fig)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

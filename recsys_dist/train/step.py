@@ -1,0 +1,87 @@
+"""One training step: batch of ids -> table lookups -> dense query -> full-catalog CE -> update.
+
+The path of one batch (see README "One batch"):
+  history/target ids (this rank) + this rank's block of catalog ids
+  -> one collective lookup in the sharded table (pad ids are never sent)
+  -> dense query from the DeepSpeed engine (noise drawn for the global batch, sliced)
+  -> sharded softmax CE (exact log-sum-exp across ranks)
+  -> engine.backward: dense grads all-reduced; table rows updated by the fused optimizer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from recsys_dist.sparse import ShardedItemTable
+from recsys_dist.train.losses import sharded_softmax_ce
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf; the message names the step, rank and batch."""
+
+
+@dataclass
+class DenseBatch:
+    hist: torch.Tensor  # (B, L, d) left-padded history embeddings, zeros at padding
+    mask: torch.Tensor  # (B, L) bool, True at real items
+    target: torch.Tensor  # (B, d) target embeddings
+
+
+def embed(table: ShardedItemTable, history: torch.Tensor, target: torch.Tensor | None,
+          extra: list[torch.Tensor] = ()) -> tuple[DenseBatch, list[torch.Tensor]]:
+    """Look up history (B, L) and target (B,) ids plus extra id groups in one collective call.
+
+    Returns the dense batch and the embeddings of each extra group ((n_i, d) each).
+    """
+    device = table.dmp.device
+    mask = history > 0
+    target_ids = target if target is not None else torch.empty(0, dtype=torch.long)
+    out = table.lookup([history[mask], target_ids, *extra])
+    hist_values, target_emb, rest = out[0], out[1], out[2:]
+    B, L = history.shape
+    flat = torch.zeros(B * L, table.dim, dtype=hist_values.dtype, device=hist_values.device)
+    index = mask.reshape(-1).nonzero().squeeze(1).to(hist_values.device)
+    hist = flat.index_copy(0, index, hist_values).view(B, L, table.dim)
+    return DenseBatch(hist, mask.to(device), target_emb), rest
+
+
+def step_noise(model, step: int, seed: int, local_batch: int, max_len: int, rank: int, world: int,
+               device: torch.device) -> dict[str, torch.Tensor]:
+    """Noise for this rank's rows of the global batch, drawn from a (seed, step) stream, so
+    any world size with the same global batch sees the same noise."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    noise = model.draw_noise(local_batch * world, max_len, gen)
+    return {k: v[rank * local_batch:(rank + 1) * local_batch].to(device) for k, v in noise.items()}
+
+
+def train_step(engine, table: ShardedItemTable, history: torch.Tensor, target: torch.Tensor,
+               step: int, seed: int) -> torch.Tensor:
+    """Forward, backward and update for one batch; returns the global mean loss (detached).
+
+    history: (B, L) long, 0 = pad, left-padded; target: (B,) long item ids. B equal on all ranks.
+    """
+    model = engine.module
+    rank, world = table.rank, table.world_size
+    lo, hi = table.score_block()
+    catalog = torch.arange(max(lo, 1), hi)  # padding row is never a candidate
+    batch, (block,) = embed(table, history, target, [catalog])
+    noise = step_noise(model, step, seed, history.shape[0], history.shape[1], rank, world, batch.hist.device)
+    engine.train()
+    query = engine(batch.hist, batch.mask, batch.target, noise)
+    query = query.float()
+    target_logits = (query * batch.target.float()).sum(-1)
+    loss = sharded_softmax_ce(query, target_logits, block.float())
+    reduced = loss.detach().clone()
+    if world > 1:
+        dist.all_reduce(reduced)
+        reduced /= world
+    if not torch.isfinite(reduced):
+        raise NonFiniteLossError(
+            f"non-finite loss {reduced.item()} at step {step} (rank {rank} local loss {loss.item()}, "
+            f"batch targets {target[:8].tolist()}...); stopping before the update, last checkpoint intact")
+    engine.backward(loss)
+    engine.step()
+    return reduced

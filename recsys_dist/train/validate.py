@@ -1,0 +1,94 @@
+"""Run a trained model over an eval split and rank the full catalog (recsys_dist.eval).
+
+Each rank reads its own users (every user exactly once across ranks), computes their query
+vectors (reverse diffusion for DiffuRec, seeded per user so the result does not depend on
+the world size or batch composition), and the evaluator ranks every item on the rank that
+owns it. Ranks with fewer batches keep joining the collectives with empty batches.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+
+from recsys_dist.config import EvalConfig
+from recsys_dist.eval import MetricAccumulator, rank_targets
+from recsys_dist.sparse import ShardedItemTable
+from recsys_dist.train.step import embed
+
+
+def _batches_in_step(batches: Iterable[dict]) -> Iterator[dict | None]:
+    """Yield this rank's batches, then None until every rank is out of batches."""
+    it = iter(batches)
+    while True:
+        batch = next(it, None)
+        flag = torch.tensor([0 if batch is None else 1])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() == 0:
+            return
+        yield batch
+
+
+def eval_noise(model, users: torch.Tensor, max_len: int, seed: int) -> dict[str, torch.Tensor]:
+    """Inference noise drawn per user from a (seed, user) stream: world-size independent."""
+    parts = [model.draw_eval_noise(1, max_len, torch.Generator().manual_seed(seed * 1_000_003 + int(u)))
+             for u in users]
+    if not parts:
+        return {k: v[:0] for k, v in model.draw_eval_noise(1, max_len, torch.Generator()).items()}
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def _empty_batch(max_len: int) -> dict[str, torch.Tensor]:
+    return {"history": torch.zeros(0, max_len, dtype=torch.long),
+            "target": torch.zeros(0, dtype=torch.long), "user": torch.zeros(0, dtype=torch.long)}
+
+
+@torch.no_grad()
+def evaluate_model(model, table: ShardedItemTable, batches: Iterable[dict], cfg: EvalConfig,
+                   max_len: int, progress=None) -> dict[str, float]:
+    """HR@K / NDCG@K of ``model`` over every user in ``batches`` (this rank's share).
+
+    batches: dicts with "history" (B, L) long, "target" (B,) long, "user" (B,) long.
+    Returns the same metric dict on every rank (plus "num_users").
+    """
+    was_training = model.training
+    model.eval()
+    lo, hi = table.score_block()
+    block = table.rows(lo, hi, chunk=cfg.item_chunk if cfg.item_chunk > 0 else 1 << 20)
+    acc = MetricAccumulator(cfg.ks)
+    for batch in _batches_in_step(batches):
+        batch = batch if batch is not None else _empty_batch(max_len)
+        dense, _ = embed(table, batch["history"], None)
+        noise = {k: v.to(dense.hist.device) for k, v in eval_noise(model, batch["user"], max_len, cfg.seed).items()}
+        if dense.hist.shape[0]:
+            query = model.infer(dense.hist, dense.mask, noise).float()
+        else:
+            query = torch.zeros(0, table.dim, device=dense.hist.device)
+        result = rank_targets(query, batch["target"].to(query.device), block.float(), lo, table.num_rows,
+                              histories=batch["history"].to(query.device), mask_history=cfg.mask_history,
+                              ks=cfg.ks, item_chunk=cfg.item_chunk)
+        acc.update(result)
+        if progress is not None:
+            progress.update(int(batch["target"].shape[0]))
+    model.train(was_training)
+    return acc.compute()
+
+
+@torch.no_grad()
+def evaluate_popularity(item_counts: torch.Tensor, num_rows: int, batches: Iterable[dict], cfg: EvalConfig,
+                        rank: int, world: int) -> dict[str, float]:
+    """The popularity ranker through the same evaluator: d = 1, query = 1, score = train count."""
+    from recsys_dist.sparse import row_block
+    lo, hi = row_block(num_rows, world, rank)
+    block = item_counts[lo:hi, None].double()
+    acc = MetricAccumulator(cfg.ks)
+    for batch in _batches_in_step(batches):
+        batch = batch if batch is not None else _empty_batch(1)
+        b = batch["target"].shape[0]
+        result = rank_targets(torch.ones(b, 1, dtype=torch.float64), batch["target"], block, lo, num_rows,
+                              histories=batch["history"], mask_history=cfg.mask_history, ks=cfg.ks)
+        acc.update(result)
+    return acc.compute()

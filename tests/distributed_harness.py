@@ -1,0 +1,84 @@
+"""Run a function on N real processes (torch.multiprocessing, gloo) and collect results.
+
+Each worker gets the env a torchrun agent would set (RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR, MASTER_PORT) and one intra-op thread. A worker's exception is re-raised in the
+parent with the worker's traceback, and a worker that dies without reporting fails the run.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+from typing import Any, Callable
+
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _to_host(value: Any) -> Any:
+    """Tensors -> numpy arrays (pickled by value: a tensor in a queue is shared through a file
+    descriptor that dies with the worker)."""
+    import torch
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    if isinstance(value, dict):
+        return {k: _to_host(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_host(v) for v in value)
+    return value
+
+
+def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, queue) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      OMP_NUM_THREADS="1")
+    import torch
+    torch.set_num_threads(1)
+    try:
+        queue.put((rank, "ok", _to_host(fn(*args))))
+    except BaseException:  # noqa: BLE001 - report everything to the parent
+        queue.put((rank, "error", traceback.format_exc()))
+    finally:
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_distributed(fn: Callable, world_size: int, *args: Any, timeout_s: float = 600) -> list[Any]:
+    """Call ``fn(*args)`` on ``world_size`` processes; return the per-rank results in rank order."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results: dict[int, Any] = {}
+    errors = []
+    import queue as queue_mod
+    try:
+        for _ in range(world_size):
+            rank, status, value = queue.get(timeout=timeout_s)
+            if status == "error":
+                errors.append(f"rank {rank} failed:\n{value}")
+                break
+            results[rank] = value
+    except queue_mod.Empty:
+        errors.append(f"timed out after {timeout_s}s waiting for ranks {sorted(set(range(world_size)) - set(results))}")
+    finally:
+        for p in procs:
+            p.join(timeout=30 if not errors else 1)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    if errors:
+        raise AssertionError("\n".join(errors))
+    bad = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode not in (0, None)]
+    if bad:
+        raise AssertionError(f"workers exited abnormally (rank, exitcode): {bad}")
+    return [results[r] for r in range(world_size)]
