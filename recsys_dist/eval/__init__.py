@@ -1,0 +1,48 @@
+"""Exact, distributed full-catalog evaluation for sequential recommenders.
+
+* :mod:`~recsys_dist.eval.partition` - which rank owns which item rows (TorchRec row-wise
+  sharding layout) and small process-group helpers (:func:`max_over_ranks`).
+* :mod:`~recsys_dist.eval.ranking` - :func:`rank_targets`, the collective that ranks every
+  user's held-out target against the whole catalog (exact integer ranks, optimistic ties,
+  optional top-k lists); also the popularity baseline via ``d = 1``.
+* :mod:`~recsys_dist.eval.metrics` - HR@K / NDCG@K from integer rank histograms and
+  :class:`MetricAccumulator`, which all-reduces once at the end of an evaluation.
+
+Only ``torch`` and ``torch.distributed`` are used; item blocks are plain dense tensors.
+"""
+
+from recsys_dist.eval.metrics import (
+    MetricAccumulator,
+    metric_names,
+    metric_sums_from_histogram,
+    metrics_from_histogram,
+    per_user_metrics,
+    rank_histogram,
+)
+from recsys_dist.eval.partition import (
+    block_size,
+    collective_device,
+    group_rank_and_size,
+    max_over_ranks,
+    owner_of,
+    row_partition,
+)
+from recsys_dist.eval.ranking import RankResult, popularity_block, rank_targets
+
+__all__ = [
+    "MetricAccumulator",
+    "RankResult",
+    "block_size",
+    "collective_device",
+    "group_rank_and_size",
+    "max_over_ranks",
+    "metric_names",
+    "metric_sums_from_histogram",
+    "metrics_from_histogram",
+    "owner_of",
+    "per_user_metrics",
+    "popularity_block",
+    "rank_histogram",
+    "rank_targets",
+    "row_partition",
+]
