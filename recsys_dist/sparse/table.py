@@ -29,7 +29,7 @@ from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backwa
 
 from recsys_dist.config import SparseConfig
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("recsys_dist.sparse")
 
 TABLE = "item"
 FEATURE = "item"

@@ -177,8 +177,15 @@ def fit(cfg: JobConfig) -> dict[str, Any]:
 
 def popularity_metrics(cfg: JobConfig, manifest: dict, rank: int, world: int) -> dict[str, float]:
     """Test metrics of the popularity ranker (train-split counts) through the same evaluator."""
-    from shards import load_item_counts
-    counts = torch.as_tensor(load_item_counts(cfg.data.resolved_shards_url(), manifest))
+    import io
+
+    import fsspec
+    import numpy as np
+    from shards.reader import resolve_manifest_url, shard_url
+
+    _, base = resolve_manifest_url(cfg.data.resolved_shards_url())
+    with fsspec.open(shard_url(base, manifest["train_item_counts_file"]), "rb") as f:
+        counts = torch.as_tensor(np.load(io.BytesIO(f.read()), allow_pickle=False))
     loader, _ = _reader(cfg, manifest, "test", rank, world, False, cfg.eval.batch_size)
     return evaluate_popularity(counts, int(manifest["num_items"]) + 1, loader, cfg.eval, rank, world)
 

@@ -17,7 +17,8 @@ def setup_logging(rank: int, run_dir: Path | None = None) -> None:
     level = logging.INFO if rank == 0 else logging.WARNING
     fmt = logging.Formatter(f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
     root = logging.getLogger()
-    root.setLevel(level)
+    root.setLevel(logging.WARNING)  # third-party INFO chatter (TBE, DeepSpeed) stays out
+    logging.getLogger("recsys_dist").setLevel(level)
     for h in list(root.handlers):
         root.removeHandler(h)
     handler = logging.StreamHandler(sys.stderr)
@@ -30,6 +31,9 @@ def setup_logging(rank: int, run_dir: Path | None = None) -> None:
         root.addHandler(fh)
     for noisy in ("torchrec", "torch.distributed", "DeepSpeed", "deepspeed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    import warnings
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    warnings.filterwarnings("ignore", message=r".*is_fx_tracing.*")
 
 
 class RunReport:

@@ -1,0 +1,174 @@
+"""On-disk schema of the ``recsys-dist/seq-v1`` WebDataset shards.
+
+One sample is one (history, target) pair of a sequential recommender:
+
+=================  ==========================================================
+tar member         content
+=================  ==========================================================
+``<key>.history.i32``  int32 little-endian raw bytes, the *unpadded* history,
+                   oldest item first, length 1..max_len (4..4*max_len bytes)
+``<key>.target.i32``   one int32 little-endian (4 bytes): the next item
+``<key>.user.i32``     one int32 little-endian (4 bytes): the dense user index
+=================  ==========================================================
+
+``key = f"{split}-{user:08d}-{j:05d}"`` where ``j`` is the 1-based position
+of the target in the user's full sequence ``s_1..s_n``. Item ids are
+``1..num_items``; ``0`` is padding and never appears in a shard.
+
+Shards are named ``f"{split}-{index:05d}.tar"`` (``.tar.gz`` when built with
+``compress=True``) and sit next to a ``manifest.json`` (see
+:mod:`shards.build`).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Dict, Mapping, Optional, Tuple
+
+import numpy as np
+
+FORMAT = "recsys-dist/seq-v1"
+SPLITS: Tuple[str, ...] = ("train", "val", "test")
+HISTORY = "history.i32"
+TARGET = "target.i32"
+USER = "user.i32"
+MEMBERS: Tuple[str, ...] = (HISTORY, TARGET, USER)
+PAD_ID = 0
+MANIFEST_NAME = "manifest.json"
+ITEM_COUNTS_NAME = "item_counts.npy"
+ID_MAP_NAME = "id_map.json"
+
+_I32 = np.dtype("<i4")
+_SHARD_RE = re.compile(r"^(train|val|test)-(\d{5})\.tar(\.gz)?$")
+
+
+class ShardError(RuntimeError):
+    """A shard (or manifest) is missing, truncated, or holds an invalid sample.
+
+    The message always names the shard URL, and where it applies the sample
+    key / tar member and what is wrong with it. ``url``, ``key`` and
+    ``member`` are also available as attributes (``None`` when not known).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        url: Optional[str] = None,
+        key: Optional[str] = None,
+        member: Optional[str] = None,
+    ) -> None:
+        super().__init__(message)
+        self.url = url
+        self.key = key
+        self.member = member
+
+
+def make_key(split: str, user: int, j: int) -> str:
+    """Sample key ``f"{split}-{user:08d}-{j:05d}"`` (``j`` = 1-based target position)."""
+    return f"{split}-{user:08d}-{j:05d}"
+
+
+def shard_name(split: str, index: int, compress: bool = False) -> str:
+    """File name of shard ``index`` of ``split``, e.g. ``train-00003.tar``."""
+    return f"{split}-{index:05d}.tar" + (".gz" if compress else "")
+
+
+def is_shard_name(name: str) -> bool:
+    """True if ``name`` (a base name) looks like a shard written by this package."""
+    return _SHARD_RE.match(name) is not None
+
+
+def encode_sample(split: str, user: int, j: int, history: np.ndarray, target: int) -> Dict[str, object]:
+    """Encode one sample as a dict for ``webdataset.TarWriter(encoder=False)``.
+
+    Args:
+        split: ``"train"``, ``"val"`` or ``"test"``.
+        user: dense user index (>= 0).
+        j: 1-based position of ``target`` in the user's sequence.
+        history: 1-D int array, unpadded, oldest first, length >= 1.
+        target: item id (>= 1).
+
+    Returns:
+        ``{"__key__": str, "history.i32": bytes, "target.i32": bytes, "user.i32": bytes}``.
+    """
+    h = np.ascontiguousarray(history, dtype=_I32)
+    if h.ndim != 1 or h.size == 0:
+        raise ValueError(f"history must be a non-empty 1-D array, got shape {h.shape}")
+    return {
+        "__key__": make_key(split, user, j),
+        HISTORY: h.tobytes(),
+        TARGET: np.asarray([target], dtype=_I32).tobytes(),
+        USER: np.asarray([user], dtype=_I32).tobytes(),
+    }
+
+
+def decode_sample(
+    key: str,
+    members: Mapping[str, bytes],
+    url: str,
+    num_items: int,
+    max_len: int,
+) -> Tuple[np.ndarray, int, int]:
+    """Decode and validate one sample read from shard ``url``.
+
+    Args:
+        key: the sample key (tar member name up to the first dot).
+        members: ``{"history.i32": bytes, "target.i32": bytes, "user.i32": bytes}``.
+        url: shard URL, only used in error messages.
+        num_items: valid item ids are ``1..num_items``.
+        max_len: the longest history the manifest allows.
+
+    Returns:
+        ``(history, target, user)``: history is an int32 array of shape (L,),
+        1 <= L <= max_len, oldest first; target and user are Python ints.
+
+    Raises:
+        ShardError: a member is missing or unexpected, has the wrong byte length,
+            or holds an item id outside ``[1, num_items]``.
+    """
+    for m in MEMBERS:
+        if m not in members:
+            raise ShardError(
+                f"{url}: sample {key!r} is missing member {key}.{m} (has {sorted(members)})",
+                url=url, key=key, member=m,
+            )
+    extra = sorted(set(members) - set(MEMBERS))
+    if extra:
+        raise ShardError(
+            f"{url}: sample {key!r} has unexpected member(s) {[key + '.' + e for e in extra]}",
+            url=url, key=key, member=extra[0],
+        )
+    hb = members[HISTORY]
+    if len(hb) == 0 or len(hb) % 4 != 0 or len(hb) > 4 * max_len:
+        raise ShardError(
+            f"{url}: member {key}.{HISTORY} has {len(hb)} bytes; expected a multiple of 4 "
+            f"between 4 and {4 * max_len} (1..max_len={max_len} int32 items)",
+            url=url, key=key, member=HISTORY,
+        )
+    for m in (TARGET, USER):
+        if len(members[m]) != 4:
+            raise ShardError(
+                f"{url}: member {key}.{m} has {len(members[m])} bytes; expected 4 (one int32)",
+                url=url, key=key, member=m,
+            )
+    history = np.frombuffer(hb, dtype=_I32)
+    target = int(np.frombuffer(members[TARGET], dtype=_I32)[0])
+    user = int(np.frombuffer(members[USER], dtype=_I32)[0])
+    lo, hi = int(history.min()), int(history.max())
+    if lo < 1 or hi > num_items:
+        bad = int(history[(history < 1) | (history > num_items)][0])
+        raise ShardError(
+            f"{url}: member {key}.{HISTORY} holds item id {bad} outside [1, {num_items}]",
+            url=url, key=key, member=HISTORY,
+        )
+    if target < 1 or target > num_items:
+        raise ShardError(
+            f"{url}: member {key}.{TARGET} holds item id {target} outside [1, {num_items}]",
+            url=url, key=key, member=TARGET,
+        )
+    if user < 0:
+        raise ShardError(
+            f"{url}: member {key}.{USER} holds negative user index {user}",
+            url=url, key=key, member=USER,
+        )
+    return history, target, user
