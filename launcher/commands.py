@@ -10,22 +10,17 @@ import sys
 import time
 from pathlib import Path
 
-from recsys_dist.config import REPO_ROOT, JobConfig, default_data_dir, load_config
+from recsys_dist.config import REPO_ROOT, load_config
 
 METRIC_COLUMNS = ["HR@5", "HR@10", "HR@20", "HR@50", "NDCG@5", "NDCG@10", "NDCG@20", "NDCG@50"]
 
 
 def prepare(args) -> int:
     """Build the shards of a job's dataset (idempotent)."""
-    from shards import build_shards, summarize
+    from recsys_dist.train.loop import build_job_shards
+    from shards import summarize
 
-    cfg = load_config(args.config, args.overrides)
-    manifest = build_shards(cfg.data.dataset, cfg.data.resolved_shards_url(),
-                            data_dir=cfg.data.data_dir or default_data_dir(), max_len=cfg.data.max_len,
-                            train_prefixes_per_user=cfg.data.train_prefixes_per_user,
-                            samples_per_shard=cfg.data.samples_per_shard, seed=cfg.train.seed,
-                            max_users=cfg.data.max_users)
-    print(summarize(manifest))
+    print(summarize(build_job_shards(load_config(args.config, args.overrides))))
     return 0
 
 

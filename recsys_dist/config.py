@@ -36,6 +36,8 @@ class DataConfig:
     train_prefixes_per_user: int | None = None  # None: every prefix is a training sample
     max_users: int | None = None  # keep the first N users (small slices for tests)
     samples_per_shard: int = 20000
+    compress: bool = True  # gzip shards (.tar.gz): ~20x smaller, streamed through fsspec
+    assignment: str = "balanced"  # train shards -> readers: balanced | round_robin (see shards/reader.py)
     num_workers: int = 0  # DataLoader workers per rank
 
     def resolved_shards_url(self) -> str:

@@ -59,3 +59,21 @@ def test_sharded_ce_matches_cross_entropy(world):
     assert table_grad[0].abs().max() == 0  # padding row untouched
     assert out[0]["hi"] - out[0]["lo"] < N_ROWS - 1 or world == 1
     assert b * world == 2 * B
+
+
+def test_sampled_softmax_with_every_item_equals_full_ce():
+    from recsys_dist.train.losses import sampled_softmax_ce
+
+    table, queries, targets = _data()
+    ids = torch.arange(1, N_ROWS)  # every item: the target shows up once and is removed as a hit
+    target_logits = (queries * table[targets]).sum(-1)
+    got = sampled_softmax_ce(queries, target_logits, targets, table[ids], ids)
+    ref = F.cross_entropy(queries @ table[1:].t(), targets - 1)
+    assert torch.allclose(got, ref, atol=1e-12, rtol=0)
+    # logQ correction subtracts log Q from the negatives' logits only
+    const = sampled_softmax_ce(queries, target_logits, targets, table[ids], ids,
+                               torch.full((N_ROWS - 1,), -3.0, dtype=torch.float64))
+    shifted = F.cross_entropy(torch.cat([target_logits[:, None], queries @ table[ids].t() + 3.0], 1)
+                              .masked_fill(torch.cat([torch.zeros(2 * B, 1, dtype=torch.bool), ids[None] == targets[:, None]], 1), float("-inf")),
+                              torch.zeros(2 * B, dtype=torch.long))
+    assert torch.allclose(const, shifted, atol=1e-12, rtol=0)

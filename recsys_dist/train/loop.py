@@ -27,18 +27,25 @@ from recsys_dist.train.validate import evaluate_model, evaluate_popularity
 log = logging.getLogger("recsys_dist.train")
 
 
+def build_job_shards(cfg: JobConfig) -> dict[str, Any]:
+    """Build (or find, when already built with the same parameters) the job's shards."""
+    from shards import build_shards
+
+    return build_shards(cfg.data.dataset, cfg.data.resolved_shards_url(),
+                        data_dir=cfg.data.data_dir or default_data_dir(), max_len=cfg.data.max_len,
+                        train_prefixes_per_user=cfg.data.train_prefixes_per_user,
+                        samples_per_shard=cfg.data.samples_per_shard, seed=cfg.train.seed,
+                        compress=cfg.data.compress, max_users=cfg.data.max_users)
+
+
 def ensure_shards(cfg: JobConfig, rank: int) -> dict[str, Any]:
     """Rank 0 builds the shards when their manifest is missing (local data), others wait."""
-    from shards import build_shards, load_manifest
+    from shards import load_manifest
 
-    url = cfg.data.resolved_shards_url()
     if rank == 0 and cfg.data.build_if_missing:
-        build_shards(cfg.data.dataset, url, data_dir=cfg.data.data_dir or default_data_dir(),
-                     max_len=cfg.data.max_len, train_prefixes_per_user=cfg.data.train_prefixes_per_user,
-                     samples_per_shard=cfg.data.samples_per_shard, seed=cfg.train.seed,
-                     max_users=cfg.data.max_users)
+        build_job_shards(cfg)
     barrier()
-    return load_manifest(url)
+    return load_manifest(cfg.data.resolved_shards_url())
 
 
 def _reader(cfg: JobConfig, manifest: dict, split: str, rank: int, world: int, train: bool,
@@ -48,13 +55,15 @@ def _reader(cfg: JobConfig, manifest: dict, split: str, rank: int, world: int, t
     url = cfg.data.resolved_shards_url()
     max_batches = None
     if train:
-        counts = plan_batches(manifest, split, batch_size, world, max(cfg.data.num_workers, 1), drop_last=True)
+        counts = plan_batches(manifest, split, batch_size, world, max(cfg.data.num_workers, 1), drop_last=True,
+                              assignment=cfg.data.assignment)
         max_batches = min(counts)
         if max_batches == 0:
             raise ValueError(f"split '{split}' has too few samples for batch {batch_size} x {world} ranks")
     reader = ShardReader(url, split, batch_size=batch_size, rank=rank, world_size=world,
                          max_len=cfg.data.max_len, num_items=manifest["num_items"], shuffle=train,
-                         seed=cfg.train.seed, epoch=epoch, drop_last=train, max_batches=max_batches)
+                         seed=cfg.train.seed, epoch=epoch, drop_last=train, max_batches=max_batches,
+                         assignment=cfg.data.assignment if train else "round_robin")
     loader = DataLoader(reader, batch_size=None, num_workers=cfg.data.num_workers,
                         persistent_workers=False)
     return loader, max_batches
@@ -131,7 +140,8 @@ def fit(cfg: JobConfig) -> dict[str, Any]:
             log.info("%d steps per epoch (batch %d x %d ranks)", steps_per_epoch, cfg.train.batch_size, world)
         for batch in loader:
             t0 = time.perf_counter()
-            loss = train_step(engine, table, batch["history"].to(device), batch["target"].to(device), step, cfg.train.seed)
+            loss = train_step(engine, table, batch["history"].to(device), batch["target"].to(device), step, cfg.train.seed,
+                              cfg.train.loss, cfg.train.num_negatives)
             step += 1
             if step > 2:  # the first steps pay for lazy initialisation
                 t_train += time.perf_counter() - t0

@@ -83,3 +83,25 @@ def sharded_softmax_ce(queries: torch.Tensor, target_logits: torch.Tensor, item_
         s = _AllReduceSum.apply(s, group)
     lse = (m + torch.log(s))[rank * b:(rank + 1) * b]
     return (lse - target_logits).mean()
+
+
+def sampled_softmax_ce(queries: torch.Tensor, target_logits: torch.Tensor, target_ids: torch.Tensor,
+                       negatives: torch.Tensor, negative_ids: torch.Tensor,
+                       log_q: torch.Tensor | None = None) -> torch.Tensor:
+    """Sampled-softmax CE against negatives shared by the batch (for very large catalogs).
+
+    Args:
+        queries: (b, d); target_logits: (b,) q . e_target; target_ids: (b,) long.
+        negatives: (n, d) embeddings of the sampled ids negative_ids (n,) long.
+        log_q: (n,) log proposal probability of each negative (logQ correction); None for
+            uniform sampling, where the correction is a constant and cancels.
+    Returns:
+        scalar mean CE over the b samples. A negative equal to a sample's target (an
+        accidental hit) is removed from that sample's softmax.
+    """
+    logits = queries @ negatives.t()  # (b, n)
+    if log_q is not None:
+        logits = logits - log_q[None, :]
+    logits = logits.masked_fill(negative_ids[None, :] == target_ids[:, None], float("-inf"))
+    full = torch.cat([target_logits[:, None], logits], dim=1)
+    return (torch.logsumexp(full, dim=1) - target_logits).mean()

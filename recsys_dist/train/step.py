@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from recsys_dist.sparse import ShardedItemTable
-from recsys_dist.train.losses import sharded_softmax_ce
+from recsys_dist.train.losses import sampled_softmax_ce, sharded_softmax_ce
 
 
 class NonFiniteLossError(RuntimeError):
@@ -58,22 +58,34 @@ def step_noise(model, step: int, seed: int, local_batch: int, max_len: int, rank
 
 
 def train_step(engine, table: ShardedItemTable, history: torch.Tensor, target: torch.Tensor,
-               step: int, seed: int) -> torch.Tensor:
+               step: int, seed: int, loss_name: str = "full_ce", num_negatives: int = 1024) -> torch.Tensor:
     """Forward, backward and update for one batch; returns the global mean loss (detached).
 
     history: (B, L) long, 0 = pad, left-padded; target: (B,) long item ids. B equal on all ranks.
+    loss_name: ``full_ce`` (softmax over every item, exact across shards) or
+    ``sampled_softmax`` (``num_negatives`` uniform ids shared by the global batch).
     """
     model = engine.module
     rank, world = table.rank, table.world_size
-    lo, hi = table.score_block()
-    catalog = torch.arange(max(lo, 1), hi)  # padding row is never a candidate
-    batch, (block,) = embed(table, history, target, [catalog])
+    if loss_name == "full_ce":
+        lo, hi = table.score_block()
+        candidates = torch.arange(max(lo, 1), hi)  # this rank's rows; padding is never a candidate
+    elif loss_name == "sampled_softmax":
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + step + 104_729)
+        candidates = torch.randint(1, table.num_rows, (num_negatives,), generator=gen)
+    else:
+        raise ValueError(f"unknown loss '{loss_name}' (full_ce | sampled_softmax)")
+    batch, (block,) = embed(table, history, target, [candidates])
     noise = step_noise(model, step, seed, history.shape[0], history.shape[1], rank, world, batch.hist.device)
     engine.train()
     query = engine(batch.hist, batch.mask, batch.target, noise)
     query = query.float()
     target_logits = (query * batch.target.float()).sum(-1)
-    loss = sharded_softmax_ce(query, target_logits, block.float())
+    if loss_name == "full_ce":
+        loss = sharded_softmax_ce(query, target_logits, block.float())
+    else:
+        loss = sampled_softmax_ce(query, target_logits, target.to(query.device), block.float(),
+                                  candidates.to(query.device))
     reduced = loss.detach().clone()
     if world > 1:
         dist.all_reduce(reduced)
