@@ -51,7 +51,7 @@ class DataConfig:
 class ModelConfig:
     """Dense model: which builder and its hyperparameters."""
 
-    name: str = "diffurec"  # diffurec | sasrec
+    name: str = "diffurec"  # diffurec | sasrec | gru4rec | dreamrec
     dim: int = 64  # embedding and hidden size
     num_blocks: int = 2
     num_heads: int = 2
@@ -61,6 +61,12 @@ class ModelConfig:
     diffusion_steps: int = 32
     schedule: str = "trunc_linear"
     lambda_uncertainty: float = 0.001  # lambda ~ N(value, value) per history item
+    # guided denoisers (DreamRec, AREAL, DimeRec)
+    p_uncond: float = 0.1  # classifier-free guidance: probability of dropping the guidance
+    guidance_w: float = 2.0  # guidance strength w at sampling: (1 + w) f(c) - w f(null)
+    sample_steps: int = 20  # reverse steps at evaluation (DDIM when < diffusion_steps)
+    eta: float = 0.0  # DDIM eta (0 = deterministic; 1 with sample_steps = T = DDPM)
+    num_layers: int = 1  # GRU4Rec layers
 
 
 @dataclass

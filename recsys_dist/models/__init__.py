@@ -10,6 +10,8 @@ from typing import Callable
 from recsys_dist.config import ModelConfig
 from recsys_dist.models.base import SequenceRecommender
 from recsys_dist.models.diffurec import DiffuRec
+from recsys_dist.models.dreamrec import DreamRec
+from recsys_dist.models.gru4rec import GRU4Rec
 from recsys_dist.models.sasrec import SASRec
 
 Builder = Callable[[ModelConfig, int], SequenceRecommender]
@@ -18,6 +20,10 @@ MODELS: dict[str, Builder] = {
     "diffurec": lambda c, max_len: DiffuRec(c.dim, c.num_blocks, c.num_heads, c.dropout, c.emb_dropout,
                                             c.diffusion_steps, c.schedule, c.lambda_uncertainty),
     "sasrec": lambda c, max_len: SASRec(c.dim, max_len, c.num_blocks, c.num_heads, c.dropout, c.emb_dropout),
+    "gru4rec": lambda c, max_len: GRU4Rec(c.dim, c.num_layers, c.dropout, c.emb_dropout),
+    "dreamrec": lambda c, max_len: DreamRec(c.dim, max_len, c.num_blocks, c.num_heads, c.dropout, c.emb_dropout,
+                                            c.diffusion_steps, c.schedule, c.p_uncond, c.guidance_w,
+                                            c.sample_steps, c.eta),
 }
 
 
@@ -28,4 +34,4 @@ def build_model(cfg: ModelConfig, max_len: int) -> SequenceRecommender:
     return MODELS[cfg.name](cfg, max_len)
 
 
-__all__ = ["MODELS", "build_model", "SequenceRecommender", "DiffuRec", "SASRec"]
+__all__ = ["MODELS", "build_model", "SequenceRecommender", "DiffuRec", "DreamRec", "GRU4Rec", "SASRec"]

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from recsys_dist.diffusion import GaussianDiffusion, NoiseSchedule, timestep_embedding
+from recsys_dist.diffusion.samplers import ddpm_sample
 from recsys_dist.models.base import SequenceRecommender
 from recsys_dist.models.transformer import TransformerEncoder
 
@@ -68,17 +69,16 @@ class DiffuRec(SequenceRecommender):
         z = self.norm(self.drop(z)) * mask[..., None]
         return self.encoder(z, mask)[:, -1]
 
-    def forward(self, hist, mask, target, noise):
+    def query(self, hist, mask, target, noise):
         t = noise["t"]
         x_t = self.diffusion.q_sample(target, t, noise["eps"].to(target.dtype))
         return self.approximate(hist, mask, x_t, t, noise["lam"])
 
     @torch.no_grad()
     def infer(self, hist, mask, noise):
-        x = noise["x_T"].to(hist.dtype)
-        B = hist.shape[0]
-        for s in reversed(range(self.steps)):
-            t = torch.full((B,), s, dtype=torch.long, device=hist.device)
-            x0_hat = self.approximate(hist, mask, x, t, noise["lam"][:, s])
-            x = self.diffusion.p_step(x0_hat, x, t, noise["eps"][:, s].to(hist.dtype))
-        return x
+        lam = noise["lam"]  # (B, T, L, 1): a fresh lambda draw at every reverse step
+
+        def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return self.approximate(hist, mask, x_t, t, lam[:, int(t[0])])
+
+        return ddpm_sample(denoise, self.diffusion, noise["x_T"].to(hist.dtype), noise["eps"])

@@ -29,7 +29,7 @@ class SASRec(SequenceRecommender):
         x = self.drop(x) * mask[..., None]
         return self.encoder(x, mask)[:, -1]
 
-    def forward(self, hist, mask, target, noise):
+    def query(self, hist, mask, target, noise):
         return self._encode(hist, mask)
 
     def infer(self, hist, mask, noise):

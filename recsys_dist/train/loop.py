@@ -48,8 +48,9 @@ def ensure_shards(cfg: JobConfig, rank: int) -> dict[str, Any]:
     return load_manifest(cfg.data.resolved_shards_url())
 
 
-def _reader(cfg: JobConfig, manifest: dict, split: str, rank: int, world: int, train: bool,
+def make_loader(cfg: JobConfig, manifest: dict, split: str, rank: int, world: int, train: bool,
             batch_size: int, epoch: int = 0):
+    """DataLoader over one split for this rank, and (train) the equal per-rank batch count."""
     from shards import ShardReader, plan_batches
 
     url = cfg.data.resolved_shards_url()
@@ -123,7 +124,7 @@ def fit(cfg: JobConfig) -> dict[str, Any]:
 
     def validate() -> None:
         nonlocal best, best_value, last_val
-        loader, _ = _reader(cfg, manifest, "val", rank, world, False, cfg.eval.batch_size)
+        loader, _ = make_loader(cfg, manifest, "val", rank, world, False, cfg.eval.batch_size)
         t0 = time.perf_counter()
         metrics = evaluate_model(engine.module, table, _subset(loader, cfg.eval.val_max_users), cfg.eval, cfg.data.max_len)
         metrics["seconds"] = time.perf_counter() - t0
@@ -135,7 +136,7 @@ def fit(cfg: JobConfig) -> dict[str, Any]:
             best_value, best = value, Snapshot.take(step, engine, table)
 
     while step < cfg.train.max_steps:
-        loader, steps_per_epoch = _reader(cfg, manifest, "train", rank, world, True, cfg.train.batch_size, epoch)
+        loader, steps_per_epoch = make_loader(cfg, manifest, "train", rank, world, True, cfg.train.batch_size, epoch)
         if epoch == 0:
             log.info("%d steps per epoch (batch %d x %d ranks)", steps_per_epoch, cfg.train.batch_size, world)
         for batch in loader:
@@ -160,7 +161,7 @@ def fit(cfg: JobConfig) -> dict[str, Any]:
 
     assert best is not None
     best.restore(engine, table)
-    loader, _ = _reader(cfg, manifest, "test", rank, world, False, cfg.eval.batch_size)
+    loader, _ = make_loader(cfg, manifest, "test", rank, world, False, cfg.eval.batch_size)
     t0 = time.perf_counter()
     test = evaluate_model(engine.module, table, loader, cfg.eval, cfg.data.max_len)
     test["seconds"] = time.perf_counter() - t0
@@ -196,7 +197,7 @@ def popularity_metrics(cfg: JobConfig, manifest: dict, rank: int, world: int) ->
     _, base = resolve_manifest_url(cfg.data.resolved_shards_url())
     with fsspec.open(shard_url(base, manifest["train_item_counts_file"]), "rb") as f:
         counts = torch.as_tensor(np.load(io.BytesIO(f.read()), allow_pickle=False))
-    loader, _ = _reader(cfg, manifest, "test", rank, world, False, cfg.eval.batch_size)
+    loader, _ = make_loader(cfg, manifest, "test", rank, world, False, cfg.eval.batch_size)
     return evaluate_popularity(counts, int(manifest["num_items"]) + 1, loader, cfg.eval, rank, world)
 
 

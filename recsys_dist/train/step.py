@@ -67,7 +67,9 @@ def train_step(engine, table: ShardedItemTable, history: torch.Tensor, target: t
     """
     model = engine.module
     rank, world = table.rank, table.world_size
-    if loss_name == "full_ce":
+    if not getattr(model, "uses_scorer", True):
+        candidates = torch.empty(0, dtype=torch.long)
+    elif loss_name == "full_ce":
         lo, hi = table.score_block()
         candidates = torch.arange(max(lo, 1), hi)  # this rank's rows; padding is never a candidate
     elif loss_name == "sampled_softmax":
@@ -78,14 +80,18 @@ def train_step(engine, table: ShardedItemTable, history: torch.Tensor, target: t
     batch, (block,) = embed(table, history, target, [candidates])
     noise = step_noise(model, step, seed, history.shape[0], history.shape[1], rank, world, batch.hist.device)
     engine.train()
-    query = engine(batch.hist, batch.mask, batch.target, noise)
-    query = query.float()
-    target_logits = (query * batch.target.float()).sum(-1)
-    if loss_name == "full_ce":
-        loss = sharded_softmax_ce(query, target_logits, block.float())
-    else:
-        loss = sampled_softmax_ce(query, target_logits, target.to(query.device), block.float(),
-                                  candidates.to(query.device))
+    target_ids = target.to(batch.target.device)
+
+    def scorer(query: torch.Tensor) -> torch.Tensor:
+        """Mean softmax CE of this rank's targets for queries (B, d)."""
+        query = query.float()
+        target_logits = (query * batch.target.float()).sum(-1)
+        if loss_name == "full_ce":
+            return sharded_softmax_ce(query, target_logits, block.float())
+        return sampled_softmax_ce(query, target_logits, target_ids, block.float(), candidates.to(query.device))
+
+    dtype = next(model.parameters()).dtype  # bf16 under DeepSpeed on GPU
+    loss = engine(batch.hist.to(dtype), batch.mask, batch.target.to(dtype), noise, scorer).float()
     reduced = loss.detach().clone()
     if world > 1:
         dist.all_reduce(reduced)
