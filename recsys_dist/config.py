@@ -51,7 +51,7 @@ class DataConfig:
 class ModelConfig:
     """Dense model: which builder and its hyperparameters."""
 
-    name: str = "diffurec"  # diffurec | sasrec | gru4rec | dreamrec
+    name: str = "diffurec"  # diffurec | sasrec | gru4rec | dreamrec | areal | dimerec
     dim: int = 64  # embedding and hidden size
     num_blocks: int = 2
     num_heads: int = 2
@@ -67,6 +67,16 @@ class ModelConfig:
     sample_steps: int = 20  # reverse steps at evaluation (DDIM when < diffusion_steps)
     eta: float = 0.0  # DDIM eta (0 = deterministic; 1 with sample_steps = T = DDPM)
     num_layers: int = 1  # GRU4Rec layers
+    # AREAL (MCRL encoder): Table 3 ablations are these switches
+    mcrl_use_cnn: bool = True  # multi-scale CNN branch (local features)
+    mcrl_use_lstm: bool = True  # residual LSTM branch (global features)
+    mcrl_local_weight: float = 0.3  # fusion weight of the local branch (global gets 1 - w); paper: 3:7
+    # DimeRec (GEM + DAM)
+    num_interests: int = 4  # K guidance vectors
+    gem: str = "model"  # model (self-attentive multi-interest) | rule (last-K items)
+    lambda_recon: float = 0.1  # weight of the reconstruction loss
+    mu_ssm: float = 1.0  # weight of the sampled-softmax loss on the denoised embedding
+    sphere: bool = True  # geodesic random walk on the unit sphere (False: Euclidean DDPM)
 
 
 @dataclass
