@@ -69,3 +69,52 @@ def test_timestep_embedding_shape_and_distinct():
     emb = timestep_embedding(torch.arange(32), 64)
     assert emb.shape == (32, 64)
     assert torch.cdist(emb, emb).add(torch.eye(32)).min() > 0
+
+
+# ---- samplers ------------------------------------------------------------------------
+
+from recsys_dist.diffusion.samplers import ddim_sample, ddim_step, ddim_timesteps, ddpm_sample  # noqa: E402
+
+
+def test_ddim_timesteps():
+    assert ddim_timesteps(1000, 4) == [999, 666, 333, 0]
+    assert ddim_timesteps(10, 10) == list(range(9, -1, -1))
+    with pytest.raises(ValueError):
+        ddim_timesteps(10, 11)
+
+
+def _toy():
+    sched = NoiseSchedule.named("linear", 50)
+    g = torch.Generator().manual_seed(4)
+    return sched, GaussianDiffusion(sched), torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)
+
+
+def test_ddim_eta0_is_the_deterministic_formula():
+    sched, diff, x0, xt = _toy()
+    t, t_prev = 40, 25
+    abar = sched.alpha_bar
+    eps_hat = (xt.double() - abar[t].sqrt() * x0.double()) / (1 - abar[t]).sqrt()
+    ref = abar[t_prev].sqrt() * x0.double() + (1 - abar[t_prev]).sqrt() * eps_hat
+    got = ddim_step(diff, x0, xt, t, t_prev, eta=0.0, z=torch.randn(6, 5))  # z must be ignored
+    assert torch.allclose(got.double(), ref, atol=1e-5)
+    # the last step goes to the clean end: x_{-1} = x0_hat
+    assert torch.allclose(ddim_step(diff, x0, xt, 3, -1, 0.0, torch.zeros(6, 5)), x0, atol=1e-5)
+
+
+def test_ddim_eta1_with_all_steps_is_ddpm():
+    sched, diff, x0, xt = _toy()
+    for t in (49, 20, 1):
+        mean, var = diff.posterior(x0, xt, torch.full((6,), t))
+        assert torch.allclose(ddim_step(diff, x0, xt, t, t - 1, 1.0, torch.zeros(6, 5)), mean, atol=1e-5)
+        z = torch.ones(6, 5)  # the noise term's scale is the posterior standard deviation
+        spread = ddim_step(diff, x0, xt, t, t - 1, 1.0, z) - mean
+        assert torch.allclose(spread, var.sqrt().expand_as(spread), atol=1e-4)  # float32 difference of O(1) terms
+    # whole chains agree given the same noise
+    g = torch.Generator().manual_seed(5)
+    x_T, noise = torch.randn(6, 5, generator=g), torch.randn(6, 50, 5, generator=g)
+    W = torch.randn(5, 5, generator=g) * 0.3
+
+    def denoise(x, t):
+        return torch.tanh(x @ W) + t[:, None].float() / 100
+
+    assert torch.allclose(ddim_sample(denoise, diff, x_T, 50, 1.0, noise), ddpm_sample(denoise, diff, x_T, noise), atol=1e-4)
