@@ -4,6 +4,9 @@ A denoiser is a callable ``denoise(x_t (B, d), t (B,) long) -> x0_hat (B, d)``. 
 passed in explicitly (``noise`` (B, S, d), one slice per reverse step) so that evaluation is
 repeatable and independent of batching.
 
+Noise convention: slice i of ``noise`` is used at the i-th reverse step, counted from the
+noisy end, for both samplers.
+
 - ``ddpm_sample``: ancestral sampling with the posterior q(x_{t-1} | x_t, x0_hat) (DDPM
   Eq. 6-7; AREAL Eq. 4-6), T steps.
 - ``ddim_sample``: DDIM (Song et al. 2021) on an evenly spaced subsequence of S <= T steps;
@@ -23,12 +26,13 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 def ddpm_sample(denoise: Denoiser, diffusion: GaussianDiffusion, x_T: torch.Tensor,
                 noise: torch.Tensor) -> torch.Tensor:
-    """x_0 (B, d) after T ancestral steps from x_T (B, d); noise (B, T, d), slice s used at step s."""
+    """x_0 (B, d) after T ancestral steps from x_T (B, d); noise (B, T, d), slice i used at the
+    i-th reverse step (i = 0 is the noisiest, t = T-1), the same convention as ``ddim_sample``."""
     x = x_T
     B = x.shape[0]
-    for s in reversed(range(diffusion.steps)):
+    for i, s in enumerate(reversed(range(diffusion.steps))):
         t = torch.full((B,), s, dtype=torch.long, device=x.device)
-        x = diffusion.p_step(denoise(x, t), x, t, noise[:, s].to(x.dtype))
+        x = diffusion.p_step(denoise(x, t), x, t, noise[:, i].to(x.dtype))
     return x
 
 

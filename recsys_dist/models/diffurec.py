@@ -77,8 +77,9 @@ class DiffuRec(SequenceRecommender):
     @torch.no_grad()
     def infer(self, hist, mask, noise):
         lam = noise["lam"]  # (B, T, L, 1): a fresh lambda draw at every reverse step
+        T = self.steps
 
         def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return self.approximate(hist, mask, x_t, t, lam[:, int(t[0])])
+            return self.approximate(hist, mask, x_t, t, lam[:, T - 1 - int(t[0])])
 
         return ddpm_sample(denoise, self.diffusion, noise["x_T"].to(hist.dtype), noise["eps"])
