@@ -4,6 +4,7 @@ Commands:
   prepare   build WebDataset shards + manifest for a job's dataset
   train     train + evaluate a job on N ranks (torchrun, the deepspeed launcher, or in-process)
   demo      the README's main job: DiffuRec and SASRec on ML-1M, 2 CPU ranks, one table
+  compare   every model x dataset under one protocol -> one markdown table (and the README)
 """
 
 from __future__ import annotations
@@ -56,6 +57,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset-config", default="ml1m", help="config prefix: configs/<prefix>_<model>.yaml")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="applied to every model's job")
     p.set_defaults(func=commands.demo)
+
+    p = sub.add_parser("compare", help="train every model on every dataset, one table",
+                       description="Run configs/<dataset>_<model>.yaml for each pair on N ranks and "
+                                   "write runs/compare/compare.md: full-catalog test HR/NDCG@10/20/50 "
+                                   "of the validation-selected state, train time, eval time per 1k users.")
+    p.add_argument("--datasets", nargs="+", default=["zhihu", "beauty"])
+    p.add_argument("--models", nargs="+", default=["sasrec", "gru4rec", "diffurec", "dreamrec", "areal", "dimerec"])
+    p.add_argument("--nproc-per-node", type=int, default=2)
+    p.add_argument("--reuse", action="store_true", help="reuse runs/<name>/metrics.json when present")
+    p.add_argument("--readme", action="store_true", help="also replace the table between the README's compare markers")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="applied to every job")
+    p.set_defaults(func=commands.compare)
     return parser
 
 

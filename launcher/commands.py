@@ -110,3 +110,65 @@ def _train_namespace(nproc: int):
     import argparse
     return argparse.Namespace(nproc_per_node=nproc, nnodes="1", node_rank=None, rdzv_endpoint=None,
                               rdzv_id="recsys-dist", max_restarts=0, launcher="torchrun", hostfile=None)
+
+
+COMPARE_COLUMNS = ["HR@10", "NDCG@10", "HR@20", "NDCG@20", "HR@50", "NDCG@50"]
+README_BEGIN, README_END = "<!-- compare:begin -->", "<!-- compare:end -->"
+
+
+def compare(args) -> int:
+    """Train every model on every dataset under one protocol; write one markdown table."""
+    rows = []
+    for dataset in args.datasets:
+        popularity = None
+        for model in args.models:
+            config = REPO_ROOT / "configs" / f"{dataset}_{model}.yaml"
+            cfg = load_config(config, args.overrides)
+            metrics_path = cfg.run_dir() / "metrics.json"
+            if not (args.reuse and metrics_path.exists()):
+                code = subprocess.call(torchrun_command(_train_namespace(args.nproc_per_node), str(config),
+                                                        list(args.overrides)),
+                                       env=dict(os.environ, PYTHONPATH=str(REPO_ROOT),
+                                                OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1")))
+                if code != 0:
+                    print(f"[compare] {dataset} x {model} failed with exit code {code}", file=sys.stderr)
+                    rows.append((dataset, model, None))
+                    continue
+            m = json.loads(metrics_path.read_text())
+            rows.append((dataset, model, m))
+            popularity = m["popularity_test"]
+        if popularity is not None:
+            rows.append((dataset, "popularity", {"test": popularity}))
+    text = compare_table(rows, args.nproc_per_node)
+    print("\n" + text)
+    out = REPO_ROOT / "runs" / "compare"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare.md").write_text(text + "\n")
+    if args.readme:
+        readme = REPO_ROOT / "README.md"
+        body = readme.read_text()
+        if README_BEGIN in body and README_END in body:
+            head, rest = body.split(README_BEGIN, 1)
+            readme.write_text(head + README_BEGIN + "\n" + text + "\n" + README_END + rest.split(README_END, 1)[1])
+    return 0 if all(m is not None for _, _, m in rows) else 1
+
+
+def compare_table(rows: list[tuple[str, str, dict | None]], nproc: int) -> str:
+    """Markdown: test metrics (%) of the validation-selected state, train time, sampling time."""
+    head = ("| dataset | model | " + " | ".join(COMPARE_COLUMNS) +
+            " | steps | train min | eval s / 1k users | test users |")
+    lines = [head, "|---|---|" + "---:|" * (len(COMPARE_COLUMNS) + 4)]
+    for dataset, model, m in rows:
+        if m is None:
+            lines.append(f"| {dataset} | {model} | failed |" + " |" * (len(COMPARE_COLUMNS) + 3))
+            continue
+        test = m["test"]
+        cells = " | ".join(f"{100 * test[c]:.2f}" for c in COMPARE_COLUMNS)
+        if "steps" in m:
+            train_min = m["steps"] * m["seconds_per_step"] / 60
+            per_k = 1000 * test["seconds"] / max(test["num_users"], 1)
+            extra = f"{m['steps']} | {train_min:.1f} | {per_k:.1f} | {test['num_users']}"
+        else:
+            extra = f"- | - | - | {test['num_users']}"
+        lines.append(f"| {dataset} | {model} | {cells} | {extra} |")
+    return "\n".join(lines)

@@ -180,13 +180,32 @@ def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
     return nested
 
 
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[dict[str, Any]]:
+    """The YAML at ``path`` preceded by the files its ``base:`` list names (relative paths)."""
+    path = path.resolve()
+    if path in seen:
+        raise ValueError(f"config base cycle: {' -> '.join(map(str, seen + (path,)))}")
+    if not path.exists():
+        raise FileNotFoundError(f"config file not found: {path}")
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    bases = data.pop("base", [])
+    layers: list[dict[str, Any]] = []
+    for base in [bases] if isinstance(bases, str) else bases:
+        layers += _read_yaml(path.parent / base, seen + (path,))
+    return layers + [data]
+
+
 def load_config(path: str | os.PathLike[str] | None = None, overrides: Sequence[str] = ()) -> JobConfig:
-    """Load a JobConfig from a YAML file (optional) and apply command-line overrides."""
+    """Load a JobConfig from a YAML file (optional) and apply command-line overrides.
+
+    A YAML file may start with ``base: [a.yaml, b.yaml]``: those are applied first, in order,
+    then the file itself, then the overrides.
+    """
     cfg = JobConfig()
     if path is not None:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-        _apply(cfg, data, "")
+        for layer in _read_yaml(Path(path)):
+            _apply(cfg, layer, "")
     _apply(cfg, parse_overrides(overrides), "")
     return cfg
 
