@@ -75,10 +75,7 @@ def demo(args) -> int:
     for model in args.models:
         config = str(REPO_ROOT / "configs" / f"{args.dataset_config}_{model}.yaml")
         cfg = load_config(config, args.overrides)
-        ns = _train_namespace(args.nproc_per_node)
-        code = subprocess.call(torchrun_command(ns, config, list(args.overrides)),
-                               env=dict(os.environ, PYTHONPATH=str(REPO_ROOT),
-                                        OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1")))
+        code = run_job(config, args.overrides, args.nproc_per_node)
         if code != 0:
             print(f"[demo] training {model} failed with exit code {code}", file=sys.stderr)
             return code
@@ -106,10 +103,13 @@ def demo(args) -> int:
     return 0
 
 
-def _train_namespace(nproc: int):
+def run_job(config: str, overrides, nproc: int) -> int:
+    """Run one job on ``nproc`` local ranks with torchrun; returns its exit code."""
     import argparse
-    return argparse.Namespace(nproc_per_node=nproc, nnodes="1", node_rank=None, rdzv_endpoint=None,
-                              rdzv_id="recsys-dist", max_restarts=0, launcher="torchrun", hostfile=None)
+    ns = argparse.Namespace(nproc_per_node=nproc, nnodes="1", node_rank=None, rdzv_endpoint=None,
+                            rdzv_id="recsys-dist", max_restarts=0, launcher="torchrun", hostfile=None)
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    return subprocess.call(torchrun_command(ns, config, list(overrides)), env=env)
 
 
 COMPARE_COLUMNS = ["HR@10", "NDCG@10", "HR@20", "NDCG@20", "HR@50", "NDCG@50"]
@@ -126,10 +126,7 @@ def compare(args) -> int:
             cfg = load_config(config, args.overrides)
             metrics_path = cfg.run_dir() / "metrics.json"
             if not (args.reuse and metrics_path.exists()):
-                code = subprocess.call(torchrun_command(_train_namespace(args.nproc_per_node), str(config),
-                                                        list(args.overrides)),
-                                       env=dict(os.environ, PYTHONPATH=str(REPO_ROOT),
-                                                OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1")))
+                code = run_job(str(config), args.overrides, args.nproc_per_node)
                 if code != 0:
                     print(f"[compare] {dataset} x {model} failed with exit code {code}", file=sys.stderr)
                     rows.append((dataset, model, None))
