@@ -1,8 +1,10 @@
-"""WebDataset shards of leave-one-out sequential-recommendation samples.
+"""WebDataset shards of sequential-recommendation samples.
 
 Build (:func:`build_shards`, CLI ``python -m shards build``) and read
 (:class:`ShardReader`) the ``recsys-dist/seq-v1`` format described in
-:mod:`shards.schema` and :mod:`shards.build`.
+:mod:`shards.schema` and :mod:`shards.build`: leave-one-out samples of the
+DiffuRec datasets, or the DreamRec datasets' given session split
+(manifest ``"protocol"``).
 """
 
 from .build import build_shards, split_samples, summarize, train_item_counts
@@ -19,30 +21,68 @@ from .reader import (
     verify_shards,
     worker_batch_caps,
 )
-from .schema import FORMAT, MEMBERS, PAD_ID, SPLITS, ShardError, decode_sample, encode_sample, make_key, shard_name
-from .sources import DATASETS, SequenceData, dataset_path, default_data_dir, load_sequences
+from .schema import (
+    FORMAT,
+    LEAVE_ONE_OUT,
+    MEMBERS,
+    PAD_ID,
+    PROTOCOLS,
+    SESSION_SPLIT,
+    SPLITS,
+    ShardError,
+    decode_sample,
+    encode_sample,
+    make_key,
+    manifest_protocol,
+    shard_name,
+)
+from .sources import (
+    DATASETS,
+    SESSION_DATASETS,
+    SequenceData,
+    SessionData,
+    SessionSplit,
+    dataset_names,
+    dataset_path,
+    dataset_protocol,
+    default_data_dir,
+    load_sequences,
+    load_session_splits,
+    session_item_counts,
+)
 
 __all__ = [
     "DATASETS",
     "FORMAT",
+    "LEAVE_ONE_OUT",
     "MEMBERS",
     "PAD_ID",
+    "PROTOCOLS",
+    "SESSION_DATASETS",
+    "SESSION_SPLIT",
     "SPLITS",
     "SequenceData",
+    "SessionData",
+    "SessionSplit",
     "ShardError",
     "ShardReader",
     "build_shards",
+    "dataset_names",
     "dataset_path",
+    "dataset_protocol",
     "decode_sample",
     "default_data_dir",
     "encode_sample",
     "load_manifest",
     "load_sequences",
+    "load_session_splits",
+    "manifest_protocol",
     "make_key",
     "plan_batches",
     "plan_reader_samples",
     "reader_shard_plan",
     "resolve_manifest_url",
+    "session_item_counts",
     "shard_name",
     "shard_order",
     "shard_url",

@@ -7,6 +7,10 @@ the reader yields whole batches::
      "target":  LongTensor (B,),
      "user":    LongTensor (B,)}
 
+With a ``"session_split"`` manifest (``"min_history_len": 0``) a history may be
+empty: its row is all padding. ``user`` is then the sample's row index in its
+split (unique within the split).
+
 Sharding. There are ``R = world_size * num_workers`` readers; reader
 ``g = rank * num_workers + worker_id``.
 
@@ -49,7 +53,15 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .schema import FORMAT, MANIFEST_NAME, SPLITS, ShardError, decode_sample
+from .schema import (
+    FORMAT,
+    MANIFEST_NAME,
+    SPLITS,
+    ShardError,
+    decode_sample,
+    manifest_min_history_len,
+    manifest_protocol,
+)
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +91,13 @@ def shard_url(base_url: str, name: str) -> str:
 def load_manifest(url_or_dir: str) -> Dict[str, Any]:
     """Read and check ``manifest.json`` (given the file URL or its directory).
 
+    Manifests written before the ``protocol`` / ``min_history_len`` keys existed
+    are leave-one-out: the returned dict gets ``"protocol": "leave_one_out"`` and
+    ``"min_history_len": 1`` when they are absent.
+
     Raises:
-        ShardError: missing/unreadable manifest, wrong ``format``, or missing keys.
+        ShardError: missing/unreadable manifest, wrong ``format``, missing keys, or
+            an unknown ``protocol`` / ``min_history_len``.
     """
     murl, _ = resolve_manifest_url(url_or_dir)
     try:
@@ -101,6 +118,11 @@ def load_manifest(url_or_dir: str) -> Dict[str, Any]:
     for k in ("num_items", "max_len", "splits"):
         if k not in m:
             raise ShardError(f"{murl}: manifest lacks required key {k!r}", url=murl)
+    try:
+        m["protocol"] = manifest_protocol(m)
+        m["min_history_len"] = manifest_min_history_len(m)
+    except (TypeError, ValueError) as e:
+        raise ShardError(f"{murl}: {e}", url=murl) from None
     return m
 
 
@@ -379,6 +401,7 @@ class ShardReader(IterableDataset):
         self.rank = int(rank)
         self.world_size = int(world_size)
         self.manifest_max_len = int(self.manifest["max_len"])
+        self.min_history_len = int(self.manifest["min_history_len"])
         self.max_len = int(max_len) if max_len is not None else self.manifest_max_len
         self.num_items = int(num_items) if num_items is not None else int(self.manifest["num_items"])
         self.shuffle = bool(shuffle)
@@ -535,7 +558,8 @@ class ShardReader(IterableDataset):
             try:
                 for key, members in self._iter_tar(url, sizes[s], first, stride, off):
                     try:
-                        yield decode_sample(key, members, url, self.num_items, self.manifest_max_len)
+                        yield decode_sample(key, members, url, self.num_items, self.manifest_max_len,
+                                            self.min_history_len)
                     except ShardError as e:
                         self._fail(e, slot, _BAD_SAMPLES)
             except ShardError as e:
@@ -554,11 +578,13 @@ class ShardReader(IterableDataset):
             yield buf[i]
 
     def collate(self, samples: Sequence[Tuple[np.ndarray, int, int]]) -> Dict[str, torch.Tensor]:
-        """Stack decoded samples into a batch (history left-padded with 0 to ``max_len``)."""
+        """Stack decoded samples into a batch (history left-padded with 0 to ``max_len``;
+        an empty history gives an all-padding row)."""
         hist = np.zeros((len(samples), self.max_len), dtype=np.int64)
         for b, (h, _, _) in enumerate(samples):
-            h = h[-self.max_len:]
-            hist[b, self.max_len - h.size:] = h
+            if h.size:
+                h = h[-self.max_len:]
+                hist[b, self.max_len - h.size:] = h
         return {
             "history": torch.from_numpy(hist),
             "target": torch.tensor([t for _, t, _ in samples], dtype=torch.int64),

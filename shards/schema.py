@@ -6,7 +6,8 @@ One sample is one (history, target) pair of a sequential recommender:
 tar member         content
 =================  ==========================================================
 ``<key>.history.i32``  int32 little-endian raw bytes, the *unpadded* history,
-                   oldest item first, length 1..max_len (4..4*max_len bytes)
+                   oldest item first, length min_history_len..max_len
+                   (4*min_history_len..4*max_len bytes)
 ``<key>.target.i32``   one int32 little-endian (4 bytes): the next item
 ``<key>.user.i32``     one int32 little-endian (4 bytes): the dense user index
 =================  ==========================================================
@@ -14,6 +15,17 @@ tar member         content
 ``key = f"{split}-{user:08d}-{j:05d}"`` where ``j`` is the 1-based position
 of the target in the user's full sequence ``s_1..s_n``. Item ids are
 ``1..num_items``; ``0`` is padding and never appears in a shard.
+
+The manifest's ``protocol`` says what a user and a history are:
+
+* ``"leave_one_out"`` (DiffuRec datasets; the default of manifests written
+  before the key existed): ``user`` is the dense user index, histories are
+  never empty (``min_history_len`` 1).
+* ``"session_split"`` (DreamRec datasets): ``user`` is the row index of the
+  sample in its split's file (``0..n-1``, unique within a split), ``j`` the
+  position of the target in its session, and the history of a session's first
+  interaction is *empty* (a 0-byte ``history.i32``; the manifest has
+  ``"min_history_len": 0``).
 
 Shards are named ``f"{split}-{index:05d}.tar"`` (``.tar.gz`` when built with
 ``compress=True``) and sit next to a ``manifest.json`` (see
@@ -34,6 +46,9 @@ TARGET = "target.i32"
 USER = "user.i32"
 MEMBERS: Tuple[str, ...] = (HISTORY, TARGET, USER)
 PAD_ID = 0
+LEAVE_ONE_OUT = "leave_one_out"
+SESSION_SPLIT = "session_split"
+PROTOCOLS: Tuple[str, ...] = (LEAVE_ONE_OUT, SESSION_SPLIT)
 MANIFEST_NAME = "manifest.json"
 ITEM_COUNTS_NAME = "item_counts.npy"
 ID_MAP_NAME = "id_map.json"
@@ -78,22 +93,42 @@ def is_shard_name(name: str) -> bool:
     return _SHARD_RE.match(name) is not None
 
 
-def encode_sample(split: str, user: int, j: int, history: np.ndarray, target: int) -> Dict[str, object]:
+def manifest_protocol(manifest: Mapping[str, object]) -> str:
+    """``manifest["protocol"]``; ``"leave_one_out"`` for manifests written before the key existed."""
+    p = manifest.get("protocol", LEAVE_ONE_OUT)
+    if p not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {p!r} (known: {list(PROTOCOLS)})")
+    return str(p)
+
+
+def manifest_min_history_len(manifest: Mapping[str, object]) -> int:
+    """Shortest history the manifest allows: ``manifest["min_history_len"]``, default 1 (0 or 1)."""
+    v = int(manifest.get("min_history_len", 1))  # type: ignore[arg-type]
+    if v not in (0, 1):
+        raise ValueError(f"min_history_len must be 0 or 1, got {v}")
+    return v
+
+
+def encode_sample(
+    split: str, user: int, j: int, history: np.ndarray, target: int, min_len: int = 1
+) -> Dict[str, object]:
     """Encode one sample as a dict for ``webdataset.TarWriter(encoder=False)``.
 
     Args:
         split: ``"train"``, ``"val"`` or ``"test"``.
         user: dense user index (>= 0).
         j: 1-based position of ``target`` in the user's sequence.
-        history: 1-D int array, unpadded, oldest first, length >= 1.
+        history: 1-D int array, unpadded, oldest first, length >= ``min_len``.
         target: item id (>= 1).
+        min_len: shortest allowed history (0 for session-split data).
 
     Returns:
         ``{"__key__": str, "history.i32": bytes, "target.i32": bytes, "user.i32": bytes}``.
     """
     h = np.ascontiguousarray(history, dtype=_I32)
-    if h.ndim != 1 or h.size == 0:
-        raise ValueError(f"history must be a non-empty 1-D array, got shape {h.shape}")
+    if h.ndim != 1 or h.size < min_len:
+        what = "a non-empty 1-D array" if min_len >= 1 else "a 1-D array"
+        raise ValueError(f"history must be {what}, got shape {h.shape}")
     return {
         "__key__": make_key(split, user, j),
         HISTORY: h.tobytes(),
@@ -108,6 +143,7 @@ def decode_sample(
     url: str,
     num_items: int,
     max_len: int,
+    min_len: int = 1,
 ) -> Tuple[np.ndarray, int, int]:
     """Decode and validate one sample read from shard ``url``.
 
@@ -117,10 +153,12 @@ def decode_sample(
         url: shard URL, only used in error messages.
         num_items: valid item ids are ``1..num_items``.
         max_len: the longest history the manifest allows.
+        min_len: the shortest history the manifest allows (its ``min_history_len``:
+            1, or 0 for session-split data whose first interactions have none).
 
     Returns:
         ``(history, target, user)``: history is an int32 array of shape (L,),
-        1 <= L <= max_len, oldest first; target and user are Python ints.
+        min_len <= L <= max_len, oldest first; target and user are Python ints.
 
     Raises:
         ShardError: a member is missing or unexpected, has the wrong byte length,
@@ -139,10 +177,10 @@ def decode_sample(
             url=url, key=key, member=extra[0],
         )
     hb = members[HISTORY]
-    if len(hb) == 0 or len(hb) % 4 != 0 or len(hb) > 4 * max_len:
+    if len(hb) < 4 * min_len or len(hb) % 4 != 0 or len(hb) > 4 * max_len:
         raise ShardError(
             f"{url}: member {key}.{HISTORY} has {len(hb)} bytes; expected a multiple of 4 "
-            f"between 4 and {4 * max_len} (1..max_len={max_len} int32 items)",
+            f"between {4 * min_len} and {4 * max_len} ({min_len}..max_len={max_len} int32 items)",
             url=url, key=key, member=HISTORY,
         )
     for m in (TARGET, USER):
@@ -154,8 +192,7 @@ def decode_sample(
     history = np.frombuffer(hb, dtype=_I32)
     target = int(np.frombuffer(members[TARGET], dtype=_I32)[0])
     user = int(np.frombuffer(members[USER], dtype=_I32)[0])
-    lo, hi = int(history.min()), int(history.max())
-    if lo < 1 or hi > num_items:
+    if history.size and (int(history.min()) < 1 or int(history.max()) > num_items):
         bad = int(history[(history < 1) | (history > num_items)][0])
         raise ShardError(
             f"{url}: member {key}.{HISTORY} holds item id {bad} outside [1, {num_items}]",
