@@ -11,6 +11,7 @@ from recsys_dist.config import ModelConfig
 from recsys_dist.models.base import SequenceRecommender
 from recsys_dist.models.areal import AREAL
 from recsys_dist.models.diffurec import DiffuRec
+from recsys_dist.models.dimerec import DimeRec
 from recsys_dist.models.dreamrec import DreamRec
 from recsys_dist.models.gru4rec import GRU4Rec
 from recsys_dist.models.sasrec import SASRec
@@ -28,6 +29,9 @@ MODELS: dict[str, Builder] = {
     "areal": lambda c, max_len: AREAL(c.dim, max_len, c.num_blocks, c.dropout, c.emb_dropout, c.diffusion_steps,
                                       c.schedule, c.p_uncond, c.guidance_w, c.sample_steps, c.eta,
                                       c.mcrl_use_cnn, c.mcrl_use_lstm, c.mcrl_local_weight),
+    "dimerec": lambda c, max_len: DimeRec(c.dim, max_len, c.num_blocks, c.num_heads, c.dropout, c.emb_dropout,
+                                          c.diffusion_steps, c.schedule, c.sample_steps, c.num_interests, c.gem,
+                                          c.lambda_recon, c.mu_ssm, c.sphere),
 }
 
 
@@ -38,4 +42,4 @@ def build_model(cfg: ModelConfig, max_len: int) -> SequenceRecommender:
     return MODELS[cfg.name](cfg, max_len)
 
 
-__all__ = ["MODELS", "build_model", "SequenceRecommender", "AREAL", "DiffuRec", "DreamRec", "GRU4Rec", "SASRec"]
+__all__ = ["MODELS", "build_model", "SequenceRecommender", "AREAL", "DiffuRec", "DimeRec", "DreamRec", "GRU4Rec", "SASRec"]
