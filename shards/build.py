@@ -335,8 +335,8 @@ def _write_all(
     """Write every split, item_counts.npy, id_map.json, then manifest.json (last), then drop stale shards."""
     manifest_path = posixpath.join(root, MANIFEST_NAME)
     fs.makedirs(root, exist_ok=True)
-    if existing is not None and fs.exists(manifest_path):  # never leave a manifest that points at shards being rewritten
-        fs.rm(manifest_path)
+    if existing is not None and fs.exists(manifest_path):
+        fs.rm(manifest_path)  # never leave a manifest that points at shards being rewritten
 
     total = sum(n for n, _ in samplers.values())
     disable = None if progress is None else not progress

@@ -373,3 +373,18 @@ def test_missing_shard_raises_naming_url(copy_of):
     rd = ShardReader(copy_of, "train", 100, on_error="skip")
     n = sum(b["target"].shape[0] for b in rd)
     assert n == MAX_USERS * K - PER_SHARD and rd.bad_shards == 1
+
+
+def test_manifest_records_leave_one_out_protocol(built, copy_of):
+    _, m = built
+    assert m["protocol"] == "leave_one_out" and m["min_history_len"] == 1
+    # manifests written before the keys existed still load, as leave-one-out
+    mp = os.path.join(copy_of, "manifest.json")
+    with open(mp) as f:
+        old = json.load(f)
+    del old["protocol"], old["min_history_len"]
+    with open(mp, "w") as f:
+        json.dump(old, f)
+    lm = load_manifest(copy_of)
+    assert lm["protocol"] == "leave_one_out" and lm["min_history_len"] == 1
+    assert len(read_all(copy_of, "val")) == MAX_USERS
