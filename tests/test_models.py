@@ -12,12 +12,12 @@ L, D = 12, 16
 
 def _inputs(seed=0):
     g = torch.Generator().manual_seed(seed)
-    hist = torch.randn(3, L, D, generator=g)
-    mask = torch.zeros(3, L, dtype=torch.bool)
+    hist = torch.randn(4, L, D, generator=g)
+    mask = torch.zeros(4, L, dtype=torch.bool)
     mask[0, -1:] = True
     mask[1, -5:] = True
-    mask[2] = True
-    return hist * mask[..., None], mask, torch.randn(3, D, generator=g)
+    mask[2] = True  # row 3: empty history (first interaction of a Zhihu session)
+    return hist * mask[..., None], mask, torch.randn(4, D, generator=g)
 
 
 def _model(name, **kw):
@@ -35,14 +35,14 @@ def test_shapes_and_padding_is_ignored(name):
     model = _model(name)
     model.eval()
     hist, mask, target = _inputs()
-    noise = model.draw_noise(3, L, torch.Generator().manual_seed(1))
+    noise = model.draw_noise(4, L, torch.Generator().manual_seed(1))
     loss = model(hist, mask, target, noise, _scorer)
     assert loss.dim() == 0 and torch.isfinite(loss)
     poisoned = hist + (~mask)[..., None] * 100.0  # garbage in padded positions changes nothing
     assert torch.allclose(model(poisoned, mask, target, noise, _scorer), loss, atol=1e-5)
-    ev = model.draw_eval_noise(3, L, torch.Generator().manual_seed(2))
+    ev = model.draw_eval_noise(4, L, torch.Generator().manual_seed(2))
     q = model.infer(hist, mask, ev)
-    assert q.shape == (3, D) and torch.isfinite(q).all()
+    assert q.shape == (4, D) and torch.isfinite(q).all()
     assert torch.allclose(model.infer(poisoned, mask, ev), q, atol=1e-5)
     assert torch.equal(model.infer(hist, mask, ev), q)  # same noise -> same inference
 
@@ -51,9 +51,9 @@ def test_shapes_and_padding_is_ignored(name):
 def test_gradients_reach_every_parameter(name):
     model = _model(name, dropout=0.1, emb_dropout=0.1)
     hist, mask, target = _inputs()
-    noise = model.draw_noise(3, L, torch.Generator().manual_seed(0))
+    noise = model.draw_noise(4, L, torch.Generator().manual_seed(0))
     if "uncond" in noise:  # guidance dropped for some samples only: both paths get gradients
-        noise["uncond"] = torch.tensor([True, False, False])
+        noise["uncond"] = torch.tensor([True, False, False, False])
     model(hist, mask, target, noise, _scorer).backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None]
     assert not missing, f"{name}: no gradient for {missing}"
@@ -65,7 +65,7 @@ def test_sasrec_is_causal():
     hist, mask, _ = _inputs()
     enc_in = hist.clone()
     x = model.encoder(enc_in, mask)
-    enc_in[:, -1] += torch.randn(3, D)  # (a constant shift would vanish in LayerNorm)
+    enc_in[:, -1] += torch.randn(4, D)  # (a constant shift would vanish in LayerNorm)
     y = model.encoder(enc_in, mask)
     assert torch.allclose(x[:, :-1], y[:, :-1], atol=1e-6)
     assert not torch.allclose(x[:, -1], y[:, -1])
@@ -75,7 +75,7 @@ def test_classifier_free_guidance_mixes_conditional_and_null():
     model = _model("dreamrec", guidance_w=0.0)
     model.eval()
     hist, mask, _ = _inputs()
-    ev = model.draw_eval_noise(3, L, torch.Generator().manual_seed(3))
+    ev = model.draw_eval_noise(4, L, torch.Generator().manual_seed(3))
     plain = model.infer(hist, mask, ev)
     model.w = 1.5
     guided = model.infer(hist, mask, ev)

@@ -30,7 +30,7 @@ class GRU4Rec(SequenceRecommender):
         return self.infer(hist, mask, noise)
 
     def infer(self, hist, mask, noise):
-        x, lengths = left_to_right_padded(self.drop(hist), mask)
+        x, lengths = left_to_right_padded(self.drop(hist) * mask[..., None], mask)  # empty: one zero step
         packed = pack_padded_sequence(x, lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False)
         _, h_n = self.gru(packed)
         return self.out(h_n[-1])
