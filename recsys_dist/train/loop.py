@@ -179,6 +179,7 @@ def fit(cfg: JobConfig) -> dict[str, Any]:
                      "full_catalog": True, "ties": "items scoring strictly higher count against the target",
                      "eval_noise_seed": cfg.eval.seed, "selection": "validation", "test_evaluated_once": True},
         "config": cfg.to_dict(),
+        "loss_curve": report.losses, "validation": report.val,
     }
     report.save(payload)
     report.close()

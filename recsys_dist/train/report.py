@@ -69,7 +69,6 @@ class RunReport:
         """Write metrics.json (atomically) and loss.png."""
         if self.rank != 0:
             return
-        payload = dict(payload, loss_curve=self.losses, validation=self.val)
         tmp = self.run_dir / "metrics.json.tmp"
         tmp.write_text(json.dumps(payload, indent=2, default=str))
         os.replace(tmp, self.run_dir / "metrics.json")

@@ -1,0 +1,80 @@
+"""Every model trains on 2 real gloo ranks (TorchRec table + DeepSpeed dense) over a small
+real slice (300 ML-1M users) and must beat the popularity ranker on full-catalog test HR@20,
+scored by the same evaluator on the same users. This also runs each model's step many times
+on 2 ranks: random timesteps and guidance dropout must never desynchronise the ranks."""
+
+import pytest
+
+from distributed_harness import run_distributed
+from recsys_dist.config import REPO_ROOT, default_data_dir
+from pathlib import Path
+
+DATA = Path(default_data_dir()) / "ml-1m" / "raw" / "diffurec" / "interactions.tsv.gz"
+
+# per model: its config file, the budget, and overrides that make it learn within that budget
+CASES = {
+    "sasrec": ("configs/models/sasrec.yaml", 120, []),
+    "gru4rec": ("configs/models/gru4rec.yaml", 120, ["train.lr=0.01", "model.emb_dropout=0.0"]),
+    "diffurec": ("configs/models/diffurec.yaml", 120, []),
+    "dimerec": ("configs/models/dimerec.yaml", 120, []),
+}
+# MSE-only generative models (no negatives) learn far more slowly (DreamRec's own code: HR@20
+# 1.2 % after 30 epochs on Zhihu, ../shared/reference.md); within a CI budget they are held to
+# training soundly on 2 ranks, not to beating popularity (see README "Comparing every model").
+GENERATIVE = {
+    "dreamrec": ("configs/models/dreamrec.yaml", 120, []),
+    "areal": ("configs/models/areal.yaml", 120, []),
+}
+
+
+def _fit(config: str, overrides: list[str]):
+    from recsys_dist.config import load_config
+    from recsys_dist.train.loop import fit
+
+    cfg = load_config(config, overrides)
+    out = fit(cfg)
+    return {"test": out["test"], "popularity": out["popularity_test"], "world": out["world_size"],
+            "losses": [v for _, v in out["loss_curve"]]}
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("learn") / "shards")
+
+
+def _overrides(model, steps, shards, tmp_path, extra):
+    return ["data.dataset=ml-1m", "data.max_len=20", "data.max_users=300", "data.train_prefixes_per_user=40",
+                 f"data.shards_url={shards}", f"output_dir={tmp_path}", f"name={model}",
+                 "train.batch_size=64", f"train.max_steps={steps}", "train.eval_every=0", "train.log_every=20",
+                 "eval.val_max_users=null", *extra]
+
+
+needs_data = pytest.mark.skipif(not DATA.exists(), reason=f"ML-1M not found at {DATA} (set RECSYS_DATA_DIR)")
+
+
+@pytest.mark.slow
+@needs_data
+@pytest.mark.parametrize("model", sorted(CASES))
+def test_model_beats_popularity(model, shards, tmp_path):
+    config, steps, extra = CASES[model]
+    out = run_distributed(_fit, 2, str(REPO_ROOT / config), _overrides(model, steps, shards, tmp_path, extra))
+    test, pop = out[0]["test"], out[0]["popularity"]
+    assert out[0]["world"] == 2 and test["num_users"] == 300
+    same = {k: v for k, v in test.items() if k != "seconds"}
+    assert same == {k: v for k, v in out[1]["test"].items() if k != "seconds"}  # all-reduced: identical
+    assert test["HR@20"] >= pop["HR@20"] + 0.03 and test["HR@20"] >= 1.5 * pop["HR@20"], (model, test, pop)
+
+
+@pytest.mark.slow
+@needs_data
+@pytest.mark.parametrize("model", sorted(GENERATIVE))
+def test_generative_model_trains_on_two_ranks(model, shards, tmp_path):
+    config, steps, extra = GENERATIVE[model]
+    out = run_distributed(_fit, 2, str(REPO_ROOT / config), _overrides(model, steps, shards, tmp_path, extra))
+    test = out[0]["test"]
+    assert test["num_users"] == 300
+    same = {k: v for k, v in test.items() if k != "seconds"}
+    assert same == {k: v for k, v in out[1]["test"].items() if k != "seconds"}
+    losses = out[0]["losses"]
+    assert all(v == v for v in losses)  # finite
+    assert sum(losses[-2:]) < 0.9 * sum(losses[:2]), losses  # the denoising loss falls
