@@ -125,7 +125,9 @@ def compare(args) -> int:
             config = REPO_ROOT / "configs" / f"{dataset}_{model}.yaml"
             cfg = load_config(config, args.overrides)
             metrics_path = cfg.run_dir() / "metrics.json"
-            if not (args.reuse and metrics_path.exists()):
+            reusable = (args.reuse and metrics_path.exists()
+                        and json.loads(metrics_path.read_text()).get("config") == json.loads(json.dumps(cfg.to_dict())))
+            if not reusable:
                 code = run_job(str(config), args.overrides, args.nproc_per_node)
                 if code != 0:
                     print(f"[compare] {dataset} x {model} failed with exit code {code}", file=sys.stderr)

@@ -19,6 +19,17 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def stream_seed(seed: int, purpose: str, index: int = 0) -> int:
+    """A 63-bit seed for one random stream, keyed by (job seed, purpose, index).
+
+    Every consumer of randomness (table init blocks, per-step training noise, sampled
+    negatives, per-user eval noise) has its own purpose, so no two streams ever coincide.
+    """
+    import hashlib
+    digest = hashlib.blake2b(f"{seed}/{purpose}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
 def default_data_dir() -> str:
     """Where raw datasets live: ``$RECSYS_DATA_DIR`` or ``<repo>/../shared/datasets``."""
     return os.environ.get("RECSYS_DATA_DIR", str(REPO_ROOT.parent / "shared" / "datasets"))
@@ -97,6 +108,7 @@ class TrainConfig:
 
     batch_size: int = 256  # per rank
     max_steps: int = 300
+    optimizer: str = "adamw"  # dense optimizer: adamw | sgd
     lr: float = 1e-3
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.98)

@@ -4,12 +4,13 @@
 Ids are global item ids 0..num_rows-1 with row 0 the padding row: it is never looked up (the
 caller sends only real ids, as jagged values), so it stays exactly zero and is never trained.
 
-Gradients: every rank's loss is a mean over its own samples, so the sum of the table
-gradients that the sharded backward delivers is ``world_size`` times the gradient of the
-global-batch mean, while DeepSpeed *averages* dense gradients over ranks. Every embedding that
-leaves ``lookup`` therefore passes through ``scale_grad(1/world_size)``, so tables and dense
-weights both follow the gradient of the global mean -- the same update as one rank holding
-the whole batch.
+Gradients: every rank's loss is a mean over its own samples, so the table gradients that
+arrive through the sharded backward sum to ``world_size`` times the gradient of the
+global-batch mean. TorchRec's all-to-all backward divides them by the world size (its
+``comm_ops`` gradient division, on by default; ``create`` turns it on explicitly), and
+DeepSpeed averages the dense gradients over ranks, so tables and dense weights both follow
+the gradient of the global mean -- the same update as one rank holding the whole batch
+(``tests/test_sharded_training.py`` checks this under plain SGD, which is scale-sensitive).
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ import torch.distributed as dist
 from torch import nn
 from torchrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
 from torchrec.distributed import DistributedModelParallel
+from torchrec.distributed.comm_ops import set_gradient_division
 from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.types import ShardingPlan, ShardingType
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
-from recsys_dist.config import SparseConfig
+from recsys_dist.config import SparseConfig, stream_seed
 
 log = logging.getLogger("recsys_dist.sparse")
 
@@ -38,22 +40,6 @@ SHARDING_TYPES = {
     "table_wise": ShardingType.TABLE_WISE.value,
     "column_wise": ShardingType.COLUMN_WISE.value,
 }
-
-
-class _ScaleGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:  # type: ignore[override]
-        ctx.scale = scale
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        return grad * ctx.scale, None
-
-
-def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
-    """Identity forward; multiplies the incoming gradient by ``scale`` in backward."""
-    return x if scale == 1.0 else _ScaleGrad.apply(x, scale)
 
 
 def row_block(num_rows: int, world_size: int, rank: int) -> tuple[int, int]:
@@ -104,6 +90,7 @@ class ShardedItemTable:
     def create(cls, num_rows: int, dim: int, cfg: SparseConfig, device: torch.device,
                batch_size: int, seed: int) -> "ShardedItemTable":
         """Build on the meta device, plan, shard, then fill every row from one seeded stream."""
+        set_gradient_division(True)  # average, not sum, the table gradients over ranks (see above)
         rank = dist.get_rank() if dist.is_initialized() else 0
         world = dist.get_world_size() if dist.is_initialized() else 1
         ec = EmbeddingCollection(
@@ -136,7 +123,7 @@ class ShardedItemTable:
             n, width = shard.shape
             first, last = row_off // block_rows, (row_off + n - 1) // block_rows
             for b in range(first, last + 1):
-                gen = torch.Generator().manual_seed(seed * 1_000_003 + b)
+                gen = torch.Generator().manual_seed(stream_seed(seed, "table-init", b))
                 b_lo = b * block_rows
                 rows = min(block_rows, self.num_rows - b_lo)
                 values = torch.randn(rows, self.dim, generator=gen) * std
@@ -164,20 +151,21 @@ class ShardedItemTable:
         kjt = KeyedJaggedTensor.from_lengths_sync(keys=[FEATURE], values=values.to(device),
                                                   lengths=lengths.to(device))
         out = self.dmp(kjt)[FEATURE].values()
-        out = scale_grad(out, 1.0 / self.world_size)
         return list(torch.split(out, lengths.tolist()))
 
     @torch.no_grad()
     def rows(self, lo: int, hi: int, chunk: int = 1 << 20) -> torch.Tensor:
         """Rows [lo, hi) as a dense (hi - lo, d) tensor, read through the sharded lookup.
 
-        Collective: every rank calls it, each with its own range; the number of lookups is
-        derived from the largest row block so that ranks with shorter ranges keep in step.
+        Collective: every rank calls it, each with its own range; the number of lookups is the
+        maximum over ranks, so ranks with shorter ranges keep in step (with empty lookups).
         Row 0 reads as zeros.
         """
-        block = -(-self.num_rows // self.world_size)
+        calls = torch.tensor([max(1, -(-(hi - lo) // chunk))])
+        if self.world_size > 1:
+            dist.all_reduce(calls, op=dist.ReduceOp.MAX)
         parts = []
-        for i in range(max(1, -(-block // chunk))):
+        for i in range(int(calls.item())):
             start = lo + i * chunk
             ids = torch.arange(start, max(start, min(hi, start + chunk)))
             parts.append(self.lookup([ids])[0].detach())

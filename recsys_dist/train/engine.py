@@ -22,6 +22,7 @@ def deepspeed_config(cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
         "gradient_accumulation_steps": 1,  # the fused table update has no accumulation
         "gradient_clipping": cfg.grad_clip,
         "zero_optimization": {"stage": cfg.zero_stage},
+        "zero_allow_untested_optimizer": True,  # torch SGD under ZeRO 1/2 (tested here)
         "bf16": {"enabled": device.type == "cuda"},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -33,8 +34,13 @@ def build_engine(model: nn.Module, cfg: TrainConfig, device: torch.device):
     import deepspeed  # heavy import, kept local
 
     model.to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
-                                  weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
+                                      weight_decay=cfg.weight_decay)
+    elif cfg.optimizer == "sgd":
+        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        raise ValueError(f"unknown dense optimizer '{cfg.optimizer}' (adamw | sgd)")
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            config=deepspeed_config(cfg, device),
                                            dist_init_required=False)

@@ -42,9 +42,19 @@ def ensure_shards(cfg: JobConfig, rank: int) -> dict[str, Any]:
     """Rank 0 builds the shards when their manifest is missing (local data), others wait."""
     from shards import load_manifest
 
+    error: Exception | None = None
     if rank == 0 and cfg.data.build_if_missing:
-        build_job_shards(cfg)
-    barrier()
+        try:
+            build_job_shards(cfg)
+        except Exception as exc:  # noqa: BLE001 - re-raised below on every rank
+            error = exc
+    failed = torch.tensor([0 if error is None else 1])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX)  # the others learn of it instead of timing out
+    if error is not None:
+        raise error
+    if failed.item():
+        raise RuntimeError(f"rank 0 failed to build the shards at {cfg.data.resolved_shards_url()} (see its log)")
     return load_manifest(cfg.data.resolved_shards_url())
 
 
@@ -132,6 +142,9 @@ def fit(cfg: JobConfig) -> dict[str, Any]:
         last_val = metrics
         value = metrics[cfg.eval.select_metric]
         log.info("step %d val %s", step, _fmt(metrics))
+        if value != value:
+            raise RuntimeError(f"validation {cfg.eval.select_metric} is NaN at step {step} "
+                               f"({metrics.get('num_users')} users): nothing to select")
         if value > best_value:
             best_value, best = value, Snapshot.take(step, engine, table)
 
@@ -159,7 +172,8 @@ def fit(cfg: JobConfig) -> dict[str, Any]:
     bar.close()
     validate()
 
-    assert best is not None
+    if best is None:
+        raise RuntimeError("no validation result to select a state from")
     best.restore(engine, table)
     loader, _ = make_loader(cfg, manifest, "test", rank, world, False, cfg.eval.batch_size)
     t0 = time.perf_counter()

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from recsys_dist.config import stream_seed
 from recsys_dist.sparse import ShardedItemTable
 from recsys_dist.train.losses import sampled_softmax_ce, sharded_softmax_ce
 
@@ -52,7 +53,7 @@ def step_noise(model, step: int, seed: int, local_batch: int, max_len: int, rank
                device: torch.device) -> dict[str, torch.Tensor]:
     """Noise for this rank's rows of the global batch, drawn from a (seed, step) stream, so
     any world size with the same global batch sees the same noise."""
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    gen = torch.Generator().manual_seed(stream_seed(seed, "train-noise", step))
     noise = model.draw_noise(local_batch * world, max_len, gen)
     return {k: v[rank * local_batch:(rank + 1) * local_batch].to(device) for k, v in noise.items()}
 
@@ -73,7 +74,7 @@ def train_step(engine, table: ShardedItemTable, history: torch.Tensor, target: t
         lo, hi = table.score_block()
         candidates = torch.arange(max(lo, 1), hi)  # this rank's rows; padding is never a candidate
     elif loss_name == "sampled_softmax":
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + step + 104_729)
+        gen = torch.Generator().manual_seed(stream_seed(seed, "negatives", step))
         candidates = torch.randint(1, table.num_rows, (num_negatives,), generator=gen)
     else:
         raise ValueError(f"unknown loss '{loss_name}' (full_ce | sampled_softmax)")
@@ -99,7 +100,7 @@ def train_step(engine, table: ShardedItemTable, history: torch.Tensor, target: t
     if not torch.isfinite(reduced):
         raise NonFiniteLossError(
             f"non-finite loss {reduced.item()} at step {step} (rank {rank} local loss {loss.item()}, "
-            f"batch targets {target[:8].tolist()}...); stopping before the update, last checkpoint intact")
+            f"batch targets {target[:8].tolist()}...); stopped before this step's update")
     engine.backward(loss)
     engine.step()
     return reduced

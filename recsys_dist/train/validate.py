@@ -13,7 +13,7 @@ from typing import Iterable, Iterator
 import torch
 import torch.distributed as dist
 
-from recsys_dist.config import EvalConfig
+from recsys_dist.config import EvalConfig, stream_seed
 from recsys_dist.eval import MetricAccumulator, rank_targets
 from recsys_dist.sparse import ShardedItemTable
 from recsys_dist.train.step import embed
@@ -34,7 +34,7 @@ def _batches_in_step(batches: Iterable[dict]) -> Iterator[dict | None]:
 
 def eval_noise(model, users: torch.Tensor, max_len: int, seed: int) -> dict[str, torch.Tensor]:
     """Inference noise drawn per user from a (seed, user) stream: world-size independent."""
-    parts = [model.draw_eval_noise(1, max_len, torch.Generator().manual_seed(seed * 1_000_003 + int(u)))
+    parts = [model.draw_eval_noise(1, max_len, torch.Generator().manual_seed(stream_seed(seed, "eval-noise", int(u))))
              for u in users]
     if not parts:
         return {k: v[:0] for k, v in model.draw_eval_noise(1, max_len, torch.Generator()).items()}
@@ -62,9 +62,11 @@ def evaluate_model(model, table: ShardedItemTable, batches: Iterable[dict], cfg:
     for batch in _batches_in_step(batches):
         batch = batch if batch is not None else _empty_batch(max_len)
         dense, _ = embed(table, batch["history"], None)
-        noise = {k: v.to(dense.hist.device) for k, v in eval_noise(model, batch["user"], max_len, cfg.seed).items()}
+        dtype = next(model.parameters()).dtype  # bf16 under DeepSpeed on GPU
+        noise = {k: v.to(dense.hist.device, dtype if v.is_floating_point() else v.dtype)
+                 for k, v in eval_noise(model, batch["user"], max_len, cfg.seed).items()}
         if dense.hist.shape[0]:
-            query = model.infer(dense.hist, dense.mask, noise).float()
+            query = model.infer(dense.hist.to(dtype), dense.mask, noise).float()
         else:
             query = torch.zeros(0, table.dim, device=dense.hist.device)
         result = rank_targets(query, batch["target"].to(query.device), block.float(), lo, table.num_rows,
