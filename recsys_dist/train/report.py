@@ -90,7 +90,8 @@ class RunReport:
         ax.set_title(self.run_dir.name)
         if self.val:
             ax2 = ax.twinx()
-            key = next(k for k in self.val[-1][1] if k.startswith("NDCG"))
+            names = list(self.val[-1][1])
+            key = "NDCG@10" if "NDCG@10" in names else next(k for k in names if k.startswith("NDCG"))
             ax2.plot([s for s, _ in self.val], [m[key] for _, m in self.val], "o-", color="tab:orange", label=f"val {key}")
             ax2.set_ylabel(f"val {key}")
         fig.tight_layout()
