@@ -280,7 +280,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[int, list[dict[str
     for world in (2, 3):
         tmp = tmp_path_factory.mktemp(f"world{world}")
         spawn(_worker, world, (world, str(tmp / "rdzv"), str(tmp)))
-        out[world] = [torch.load(tmp / f"rank{r}.pt") for r in range(world)]
+        out[world] = [torch.load(tmp / f"rank{r}.pt", weights_only=True) for r in range(world)]
     return out
 
 
