@@ -86,9 +86,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from recsys_dist.diffusion import GaussianDiffusion, NoiseSchedule, timestep_embedding
-from recsys_dist.diffusion.samplers import ddim_sample, ddpm_sample
-from recsys_dist.models.base import SequenceRecommender
+from recsys_dist.models.guided import GuidedDenoiser
 
 CNN_KERNELS = (1, 3, 5)  # Eq. 12-14
 
@@ -262,7 +260,7 @@ class MCRLEncoder(nn.Module):
         return self.out(x[:, -1])
 
 
-class AREAL(SequenceRecommender):
+class AREAL(GuidedDenoiser):
     """AREAL: MCRL guidance h (Eq. 10-21) + x0-predicting guided diffusion (Eq. 22-24).
 
     ``dim, max_len, num_blocks, dropout, emb_dropout`` configure the encoder (``max_len`` is
@@ -273,57 +271,16 @@ class AREAL(SequenceRecommender):
     ``draw_eval_noise`` -> x_T (B, d), eps (B, sample_steps, d).
     """
 
-    uses_scorer = False  # MSE to the target embedding, no negatives
-
     def __init__(self, dim: int, max_len: int, num_blocks: int, dropout: float, emb_dropout: float,
                  steps: int, schedule: str, p_uncond: float, guidance: float, sample_steps: int,
                  eta: float, use_cnn: bool, use_lstm: bool, local_weight: float) -> None:
-        super().__init__()
-        self.dim, self.max_len, self.p_uncond, self.w = dim, max_len, p_uncond, guidance
-        self.sample_steps, self.eta = sample_steps, eta
-        self.diffusion = GaussianDiffusion(NoiseSchedule.named(schedule, steps))
+        super().__init__(dim, steps, schedule, p_uncond, guidance, sample_steps, eta)
+        self.max_len = max_len
         self.drop = nn.Dropout(emb_dropout)
         self.encoder = MCRLEncoder(dim, num_blocks, dropout, use_cnn, use_lstm, local_weight)
-        self.null = nn.Parameter(torch.zeros(dim))
-        self.step_mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
-        self.denoiser = nn.Sequential(nn.Linear(3 * dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
 
     def guidance(self, hist: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """h (B, d) from the history (B, L, d); the null vector for an empty history."""
         x = zero_padded(self.drop(hist * math.sqrt(self.dim)), mask)
         h = self.encoder(x, mask)
         return torch.where(mask.any(1)[:, None], h, self.null.to(h.dtype).expand_as(h))
-
-    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """f(x_t, t, h) = x0_hat (B, d) from x_t (B, d), steps t (B,), guidance h (B, d)."""
-        d_t = self.step_mlp(timestep_embedding(t, self.dim).to(x_t.dtype))
-        return self.denoiser(torch.cat([x_t, h, d_t], dim=-1))
-
-    def draw_noise(self, batch_size, max_len, generator):
-        return {"t": torch.randint(0, self.diffusion.steps, (batch_size,), generator=generator),
-                "eps": torch.randn(batch_size, self.dim, generator=generator),
-                "uncond": torch.rand(batch_size, generator=generator) < self.p_uncond}
-
-    def draw_eval_noise(self, batch_size, max_len, generator):
-        return {"x_T": torch.randn(batch_size, self.dim, generator=generator),
-                "eps": torch.randn(batch_size, self.sample_steps, self.dim, generator=generator)}
-
-    def forward(self, hist, mask, target, noise, scorer=None):
-        h = self.guidance(hist, mask)
-        h = torch.where(noise["uncond"][:, None], self.null.to(h.dtype).expand_as(h), h)
-        x_t = self.diffusion.q_sample(target, noise["t"], noise["eps"].to(target.dtype))
-        x0_hat = self.denoise(x_t, noise["t"], h)
-        return (x0_hat - target).pow(2).mean()
-
-    @torch.no_grad()
-    def infer(self, hist, mask, noise):
-        h = self.guidance(hist, mask)
-        null = self.null.to(h.dtype).expand_as(h)
-
-        def guided(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return (1 + self.w) * self.denoise(x_t, t, h) - self.w * self.denoise(x_t, t, null)
-
-        x_T = noise["x_T"].to(hist.dtype)
-        if self.sample_steps == self.diffusion.steps and self.eta == 1.0:
-            return ddpm_sample(guided, self.diffusion, x_T, noise["eps"])
-        return ddim_sample(guided, self.diffusion, x_T, self.sample_steps, self.eta, noise["eps"])

@@ -18,66 +18,24 @@ import math
 import torch
 from torch import nn
 
-from recsys_dist.diffusion import GaussianDiffusion, NoiseSchedule, timestep_embedding
-from recsys_dist.diffusion.samplers import ddim_sample, ddpm_sample
-from recsys_dist.models.base import SequenceRecommender
+from recsys_dist.models.guided import GuidedDenoiser
 from recsys_dist.models.transformer import TransformerEncoder
 
 
-class DreamRec(SequenceRecommender):
-    uses_scorer = False  # MSE to the target embedding, no negatives
+class DreamRec(GuidedDenoiser):
+    """Guidance c: a causal Transformer over the history, at its last position."""
 
     def __init__(self, dim: int, max_len: int, num_blocks: int, num_heads: int, dropout: float,
                  emb_dropout: float, steps: int, schedule: str, p_uncond: float, guidance: float,
                  sample_steps: int, eta: float) -> None:
-        super().__init__()
-        self.dim, self.p_uncond, self.w = dim, p_uncond, guidance
-        self.sample_steps, self.eta = sample_steps, eta
-        self.diffusion = GaussianDiffusion(NoiseSchedule.named(schedule, steps))
+        super().__init__(dim, steps, schedule, p_uncond, guidance, sample_steps, eta)
         self.pos = nn.Embedding(max_len, dim)
         nn.init.normal_(self.pos.weight, std=0.02)
         self.drop = nn.Dropout(emb_dropout)
         self.encoder = TransformerEncoder(dim, num_blocks, num_heads, dropout, causal=True)
-        self.null = nn.Parameter(torch.zeros(dim))
-        self.step_mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
-        self.denoiser = nn.Sequential(nn.Linear(3 * dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
 
     def guidance(self, hist: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """c (B, d) from the history (B, L, d)."""
         L = hist.shape[1]
         x = self.drop(hist * math.sqrt(self.dim) + self.pos.weight[-L:][None]) * mask[..., None]
         return self.encoder(x, mask)[:, -1]
-
-    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """x0_hat (B, d) from x_t (B, d), steps t (B,), guidance c (B, d)."""
-        d_t = self.step_mlp(timestep_embedding(t, self.dim).to(x_t.dtype))
-        return self.denoiser(torch.cat([x_t, c, d_t], dim=-1))
-
-    def draw_noise(self, batch_size, max_len, generator):
-        return {"t": torch.randint(0, self.diffusion.steps, (batch_size,), generator=generator),
-                "eps": torch.randn(batch_size, self.dim, generator=generator),
-                "uncond": torch.rand(batch_size, generator=generator) < self.p_uncond}
-
-    def draw_eval_noise(self, batch_size, max_len, generator):
-        return {"x_T": torch.randn(batch_size, self.dim, generator=generator),
-                "eps": torch.randn(batch_size, self.sample_steps, self.dim, generator=generator)}
-
-    def forward(self, hist, mask, target, noise, scorer=None):
-        c = self.guidance(hist, mask)
-        c = torch.where(noise["uncond"][:, None], self.null.expand_as(c), c)
-        x_t = self.diffusion.q_sample(target, noise["t"], noise["eps"].to(target.dtype))
-        x0_hat = self.denoise(x_t, noise["t"], c)
-        return (x0_hat - target).pow(2).mean()
-
-    @torch.no_grad()
-    def infer(self, hist, mask, noise):
-        c = self.guidance(hist, mask)
-        null = self.null.expand_as(c)
-
-        def guided(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return (1 + self.w) * self.denoise(x_t, t, c) - self.w * self.denoise(x_t, t, null)
-
-        x_T = noise["x_T"].to(hist.dtype)
-        if self.sample_steps == self.diffusion.steps and self.eta == 1.0:
-            return ddpm_sample(guided, self.diffusion, x_T, noise["eps"])
-        return ddim_sample(guided, self.diffusion, x_T, self.sample_steps, self.eta, noise["eps"])

@@ -1,0 +1,71 @@
+"""The guided x0-denoiser shared by DreamRec and AREAL: everything but the history encoder.
+
+A subclass builds its encoder and implements ``guidance(hist, mask) -> c`` (B, d).
+- Denoiser f(x_t, t, c) -> x0_hat: an MLP on [x_t, c, step embedding].
+- Training: t ~ U{0..T-1}, x_t = q(x_t | e_target); loss = ||x0_hat - e_target||^2 (mean over
+  dims and samples); no negatives. Classifier-free guidance: with probability p_u a sample's
+  c is replaced by a learned null vector (per-sample ``torch.where``, so every parameter
+  receives a gradient every step, whatever the dropout draw).
+- Sampling: x0_guided = (1 + w) f(x_t, t, c) - w f(x_t, t, null), DDIM with ``sample_steps``
+  steps (DDPM ancestral when sample_steps = T and eta = 1).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from recsys_dist.diffusion import GaussianDiffusion, NoiseSchedule, timestep_embedding
+from recsys_dist.diffusion.samplers import ddim_sample, ddpm_sample
+from recsys_dist.models.base import SequenceRecommender
+
+
+class GuidedDenoiser(SequenceRecommender):
+    uses_scorer = False  # MSE to the target embedding, no negatives
+
+    def __init__(self, dim: int, steps: int, schedule: str, p_uncond: float, guidance: float,
+                 sample_steps: int, eta: float) -> None:
+        super().__init__()
+        self.dim, self.p_uncond, self.w = dim, p_uncond, guidance
+        self.sample_steps, self.eta = sample_steps, eta
+        self.diffusion = GaussianDiffusion(NoiseSchedule.named(schedule, steps))
+        self.null = nn.Parameter(torch.zeros(dim))
+        self.step_mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.denoiser = nn.Sequential(nn.Linear(3 * dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def guidance(self, hist: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """c (B, d) from the history (B, L, d) and its mask (B, L)."""
+        raise NotImplementedError
+
+    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """x0_hat (B, d) from x_t (B, d), steps t (B,), guidance c (B, d)."""
+        d_t = self.step_mlp(timestep_embedding(t, self.dim).to(x_t.dtype))
+        return self.denoiser(torch.cat([x_t, c, d_t], dim=-1))
+
+    def draw_noise(self, batch_size, max_len, generator):
+        return {"t": torch.randint(0, self.diffusion.steps, (batch_size,), generator=generator),
+                "eps": torch.randn(batch_size, self.dim, generator=generator),
+                "uncond": torch.rand(batch_size, generator=generator) < self.p_uncond}
+
+    def draw_eval_noise(self, batch_size, max_len, generator):
+        return {"x_T": torch.randn(batch_size, self.dim, generator=generator),
+                "eps": torch.randn(batch_size, self.sample_steps, self.dim, generator=generator)}
+
+    def forward(self, hist, mask, target, noise, scorer=None):
+        c = self.guidance(hist, mask)
+        c = torch.where(noise["uncond"][:, None], self.null.to(c.dtype).expand_as(c), c)
+        x_t = self.diffusion.q_sample(target, noise["t"], noise["eps"].to(target.dtype))
+        return (self.denoise(x_t, noise["t"], c) - target).pow(2).mean()
+
+    @torch.no_grad()
+    def infer(self, hist, mask, noise):
+        c = self.guidance(hist, mask)
+        null = self.null.to(c.dtype).expand_as(c)
+
+        def guided(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return (1 + self.w) * self.denoise(x_t, t, c) - self.w * self.denoise(x_t, t, null)
+
+        x_T = noise["x_T"].to(hist.dtype)
+        if self.sample_steps == self.diffusion.steps and self.eta == 1.0:
+            return ddpm_sample(guided, self.diffusion, x_T, noise["eps"])
+        return ddim_sample(guided, self.diffusion, x_T, self.sample_steps, self.eta, noise["eps"])
