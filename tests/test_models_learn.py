@@ -44,6 +44,16 @@ def shards(tmp_path_factory):
     return str(tmp_path_factory.mktemp("learn") / "shards")
 
 
+def _train_two_ranks(cases, model, shards, tmp_path):
+    """Fit ``model`` on 2 ranks; check both report the same all-reduced metrics; return rank 0's."""
+    config, steps, extra = cases[model]
+    out = run_distributed(_fit, 2, str(REPO_ROOT / config), _overrides(model, steps, shards, tmp_path, extra))
+    assert out[0]["world"] == 2 and out[0]["test"]["num_users"] == 300
+    same = {k: v for k, v in out[0]["test"].items() if k != "seconds"}
+    assert same == {k: v for k, v in out[1]["test"].items() if k != "seconds"}  # all-reduced: identical
+    return out[0]
+
+
 def _overrides(model, steps, shards, tmp_path, extra):
     return ["data.dataset=ml-1m", "data.max_len=20", "data.max_users=300", "data.train_prefixes_per_user=40",
                  f"data.shards_url={shards}", f"output_dir={tmp_path}", f"name={model}",
@@ -58,12 +68,8 @@ needs_data = pytest.mark.skipif(not DATA.exists(), reason=f"ML-1M not found at {
 @needs_data
 @pytest.mark.parametrize("model", sorted(CASES))
 def test_model_beats_popularity(model, shards, tmp_path):
-    config, steps, extra = CASES[model]
-    out = run_distributed(_fit, 2, str(REPO_ROOT / config), _overrides(model, steps, shards, tmp_path, extra))
-    test, pop = out[0]["test"], out[0]["popularity"]
-    assert out[0]["world"] == 2 and test["num_users"] == 300
-    same = {k: v for k, v in test.items() if k != "seconds"}
-    assert same == {k: v for k, v in out[1]["test"].items() if k != "seconds"}  # all-reduced: identical
+    out = _train_two_ranks(CASES, model, shards, tmp_path)
+    test, pop = out["test"], out["popularity"]
     assert test["HR@20"] >= pop["HR@20"] + 0.03 and test["HR@20"] >= 1.5 * pop["HR@20"], (model, test["HR@20"], pop["HR@20"])
     # ties go to the target, so a collapsed model (every score equal) would score HR = 1
     assert test["HR@50"] < 0.9, test
@@ -73,12 +79,7 @@ def test_model_beats_popularity(model, shards, tmp_path):
 @needs_data
 @pytest.mark.parametrize("model", sorted(GENERATIVE))
 def test_generative_model_trains_on_two_ranks(model, shards, tmp_path):
-    config, steps, extra = GENERATIVE[model]
-    out = run_distributed(_fit, 2, str(REPO_ROOT / config), _overrides(model, steps, shards, tmp_path, extra))
-    test = out[0]["test"]
-    assert test["num_users"] == 300
-    same = {k: v for k, v in test.items() if k != "seconds"}
-    assert same == {k: v for k, v in out[1]["test"].items() if k != "seconds"}
-    losses = out[0]["losses"]
+    out = _train_two_ranks(GENERATIVE, model, shards, tmp_path)
+    losses = out["losses"]
     assert all(math.isfinite(v) for v in losses)
     assert sum(losses[-2:]) < 0.9 * sum(losses[:2]), losses  # the denoising loss falls

@@ -1,14 +1,8 @@
 """DreamRec-style guided denoiser (Yang et al., NeurIPS 2023): generate the next item's
-embedding instead of classifying it.
-
-- Guidance c: a causal Transformer (SASRec) encoder over the history, last position.
-- Denoiser f(x_t, t, c) -> x0_hat: an MLP on [x_t, c, step embedding].
-- Training: t ~ U{0..T-1}, x_t = q(x_t | e_target); loss = ||x0_hat - e_target||^2 (mean over
-  dims and samples); no negatives. Classifier-free guidance: with probability p_u a sample's
-  c is replaced by a learned null vector (per-sample ``torch.where``, so every parameter
-  receives a gradient every step, whatever the dropout draw).
-- Sampling: x0_guided = (1 + w) f(x_t, t, c) - w f(x_t, t, null), DDIM with ``sample_steps``
-  steps (DDPM ancestral when sample_steps = T); the output ranks the catalog by inner product.
+embedding instead of classifying it. The guidance c is a causal Transformer (SASRec) encoder
+over the history, at its last position; the denoiser, the x0-MSE loss, classifier-free
+guidance and the samplers are ``GuidedDenoiser``'s (``models/guided.py``). The sampled x_0
+ranks the catalog by inner product.
 """
 
 from __future__ import annotations
