@@ -5,6 +5,7 @@ Commands:
   train     train + evaluate a job on N ranks (torchrun, the deepspeed launcher, or in-process)
   demo      the README's main job: DiffuRec and SASRec on ML-1M, 2 CPU ranks, one table
   compare   every model x dataset under one protocol -> one markdown table (and the README)
+  plan      capacity planner: TorchRec's planner shards the item table over N simulated GPUs
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import argparse
 import sys
 
 from launcher import commands
+from launcher import plan as plan_cli  # light: torchrec is imported only when planning
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--readme", action="store_true", help="also replace the table between the README's compare markers")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="applied to every job")
     p.set_defaults(func=commands.compare)
+
+    p = sub.add_parser("plan", help="capacity planner: shard the item table on N simulated GPUs",
+                       description=plan_cli.DESCRIPTION,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    plan_cli.add_arguments(p)
+    p.set_defaults(func=plan_cli.run)
     return parser
 
 
