@@ -35,20 +35,77 @@ Batch counts are known without reading data (:func:`plan_batches`); training
 passes ``max_batches=steps_per_epoch(...)`` so that every rank yields the same
 number of batches. The per-worker caps mimic the DataLoader's round-robin over
 workers, so a capped epoch is a prefix of the uncapped one.
+
+Mid-epoch resume. ``start_batch=k`` (or :meth:`ShardReader.set_position`)
+makes the epoch's stream start at this rank's batch ``k``: the batches are
+exactly those a fresh reader yields from index ``k`` on (same tensors, same
+order), for any ``num_workers``, with ``shuffle`` and ``max_batches``. The
+DataLoader (``batch_size=None``, in order) takes batches round-robin from its
+workers starting at worker 0 and skips exhausted ones, so the first ``k``
+batches hold ``worker_batch_caps(caps, k)[w]`` batches of worker ``w``; each
+worker skips that many of its own, and the workers' roles are rotated so the
+fresh round-robin continues with the worker after the one that produced batch
+``k - 1`` (:func:`worker_resume`; the DataLoader restarts its round-robin at
+worker 0 on every ``iter()``, persistent workers included). Skipped batches
+are never collated and, with ``on_error="raise"``, their samples are not
+decoded and mostly not even read: the shuffle buffer's RNG draws depend only
+on how many samples went in, so the resume point is found by running the
+buffer on sample *indices* (no I/O); then only the samples still in the buffer
+and those after the point are decoded, and shards holding none of them are not
+opened (``on_error="skip"`` replays the skipped part instead, because bad
+samples change the stream). A checkpoint stores
+:meth:`ShardReader.data_position` (epoch, ``start_batch`` = batches the trainer
+*consumed*, per-worker batches/samples consumed, and the settings it is valid
+for); :meth:`ShardReader.restore_position` checks and applies it. Exact resume
+needs the same shards, ``world_size``, DataLoader ``num_workers`` (0 and 1 are
+the same), ``batch_size``, ``drop_last``, ``max_batches``, ``assignment`` and
+``shuffle``/``seed``/``shuffle_buffer``, and the DataLoader's default
+``in_order=True``.
+
+Storage. Shards are opened through :func:`shards.storage.open_retrying`: a
+transient error (connection reset, broken pipe, a body cut short, timeouts)
+while opening or in the middle of a shard reopens the URL at the byte offset
+reached, after exponential backoff (``io_attempts``, ``io_base_delay``,
+``io_max_delay``), so the streaming tar parser never notices; each reopen is
+logged and counted in :attr:`ShardReader.io_retries`. Retries used up raise
+:class:`ShardError` naming the URL and the tar member reached; a missing shard
+raises at once. S3 endpoint and credentials come from the standard AWS
+environment or fsspec configuration only (see :mod:`shards.storage`).
+
+Known WebDataset traps and how this reader handles them:
+
+* *Fewer shards than ranks x workers* (``split_by_node`` / ``split_by_worker``
+  hand out whole shards, so some readers get nothing and the epoch is uneven or
+  hangs): the sample-level split above (``num_shards < R``, and the tail of
+  ``assignment="balanced"``) gives every reader its share of every shard.
+* *Uneven batch counts across ranks under DDP* (a rank that runs out first
+  leaves the others blocked in the next all-reduce): :func:`plan_batches`
+  knows every rank's count from the manifest, and
+  ``max_batches=steps_per_epoch(...)`` makes all ranks yield exactly the same
+  number of batches (the per-worker caps keep it a prefix of the epoch).
+* *``resampled=True`` needs ``with_epoch``* (infinite streams with an arbitrary
+  epoch length, samples seen 0..n times): not used. Epochs are explicit
+  (:meth:`ShardReader.set_epoch`), every sample is read exactly once per
+  epoch, and the shuffle (shard order among equal-sized shards + a buffer
+  seeded by ``(seed, epoch, g)``) is deterministic per epoch, which is also
+  what makes exact resume possible.
+* *Broken pipes / truncated responses from S3 under load* (webdataset's
+  ``gopen`` pipes die with the connection): retry with backoff and reopen at
+  the byte offset (above); to read the shards with plain webdataset, see
+  :mod:`shards.wds`.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import logging
-import posixpath
 import re
 import tarfile
 import zlib
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
-import fsspec
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
@@ -62,12 +119,20 @@ from .schema import (
     manifest_min_history_len,
     manifest_protocol,
 )
+from .storage import (
+    DEFAULT_ATTEMPTS,
+    DEFAULT_BASE_DELAY,
+    DEFAULT_MAX_DELAY,
+    RetriesExhausted,
+    open_retrying,
+)
 
 log = logging.getLogger(__name__)
 
 _KEY_RE = re.compile(r"^((?:.*/)?[^/.]+)\.([^/]+)$")
 _STAT_SLOTS = 64  # per-worker counter slots in shared memory
-_BAD_SAMPLES, _BAD_SHARDS, _SAMPLES, _BATCHES = range(4)
+_BAD_SAMPLES, _BAD_SHARDS, _SAMPLES, _BATCHES, _IO_RETRIES = range(5)
+POSITION_FORMAT = "recsys-dist/reader-position-v1"
 
 
 # --------------------------------------------------------------------------- manifest
@@ -101,7 +166,7 @@ def load_manifest(url_or_dir: str) -> Dict[str, Any]:
     """
     murl, _ = resolve_manifest_url(url_or_dir)
     try:
-        with fsspec.open(murl, "rb") as f:
+        with open_retrying(murl) as f:
             raw = f.read()
     except FileNotFoundError:
         raise ShardError(f"{murl}: manifest not found (build it with `python -m shards build`)", url=murl) from None
@@ -158,7 +223,7 @@ def verify_shards(
             h = hashlib.sha256()
             n = 0
             try:
-                with fsspec.open(url, "rb") as f:
+                with open_retrying(url) as f:
                     while True:
                         chunk = f.read(1 << 20)
                         if not chunk:
@@ -334,6 +399,61 @@ def worker_batch_caps(worker_batches: Sequence[int], max_batches: Optional[int])
     return caps
 
 
+def worker_resume(caps: Sequence[int], start_batch: int) -> Tuple[List[int], int]:
+    """How a rank whose workers yield ``caps[w]`` batches resumes at its batch ``start_batch``.
+
+    The DataLoader (``batch_size=None``, in order) takes batches from its
+    workers round-robin starting at worker 0 and skips exhausted workers, so the
+    rank's batch sequence is round ``r = 0, 1, ...`` of ``[w for w in range(W) if caps[w] > r]``.
+    Its first ``k`` batches hold ``skip[w] = worker_batch_caps(caps, k)[w]``
+    batches of worker ``w``. A fresh DataLoader starts its round-robin at worker
+    0 again, so when batch ``k - 1`` came from worker ``last`` the roles are
+    rotated: DataLoader worker ``i`` plays role ``(i + shift) % W`` with
+    ``shift = (last + 1) % W``; the resumed round-robin then visits the roles
+    ``shift, ..., W-1, 0, ..., shift-1`` in every round, which is exactly the
+    rest of the original sequence (the roles after ``last`` still owe their
+    batch of the current round; the others continue with the next round).
+
+    Returns:
+        ``(skip, shift)``: batches each role (original worker id) already
+        produced, and the rotation. ``start_batch`` is clamped to ``[0, sum(caps)]``.
+    """
+    caps = [int(c) for c in caps]
+    k = max(0, min(int(start_batch), sum(caps)))
+    skip = worker_batch_caps(caps, k)
+    if k == 0 or not caps:
+        return skip, 0
+    prev = worker_batch_caps(caps, k - 1)
+    last = next(w for w in range(len(caps)) if skip[w] != prev[w])
+    return skip, (last + 1) % len(caps)
+
+
+class _ShuffleBuffer:
+    """The sample shuffle buffer; also run on stream *indices* to fast-forward a resumed stream
+    (the RNG draws depend only on how many items went in, never on their content)."""
+
+    EMPTY = object()
+
+    def __init__(self, size: int, rng: np.random.Generator) -> None:
+        self.size = size
+        self.rng = rng
+        self.buf: List[Any] = []
+
+    def push(self, x: Any) -> Any:
+        """Add ``x``; return the item pushed out, or :attr:`EMPTY` while the buffer fills."""
+        if len(self.buf) < self.size:
+            self.buf.append(x)
+            return self.EMPTY
+        i = int(self.rng.integers(len(self.buf)))
+        self.buf[i], x = x, self.buf[i]
+        return x
+
+    def drain(self) -> List[Any]:
+        """The remaining items in random order (end of the stream)."""
+        buf, self.buf = self.buf, []
+        return [buf[i] for i in self.rng.permutation(len(buf)).tolist()]
+
+
 # --------------------------------------------------------------------------- reader
 
 
@@ -358,10 +478,22 @@ class ShardReader(IterableDataset):
             warning, skips the bad sample (or the rest of a bad shard) and counts it
             in :attr:`bad_samples` / :attr:`bad_shards`.
         assignment: ``"round_robin"`` (default) or ``"balanced"``; see :func:`reader_shard_plan`.
+        start_batch: exact mid-epoch resume: in epoch ``epoch`` this rank's stream begins
+            at its batch ``start_batch`` (the batches a fresh reader would have yielded
+            from that index on, same tensors, same order, for any ``num_workers`` and with
+            ``shuffle`` and ``max_batches``); later epochs start at 0. Get the value from
+            :meth:`data_position` saved in the checkpoint (see :meth:`restore_position`).
+            Requires the DataLoader's default ``in_order=True``.
+        io_attempts: tries per failure streak when opening / reading a shard hits a
+            transient storage error (connection reset, truncated body, timeout); each retry
+            reopens the URL at the byte offset reached (see :mod:`shards.storage`).
+            ``1`` disables retries. A missing shard is never retried.
+        io_base_delay, io_max_delay: exponential backoff (seconds) between those tries.
 
     Counters (:attr:`bad_samples`, :attr:`bad_shards`, :attr:`samples_yielded`,
-    :attr:`batches_yielded`) and the epoch live in shared memory, so they are
-    seen across DataLoader worker processes (fork or spawn) and persistent workers.
+    :attr:`batches_yielded`, :attr:`io_retries`), the epoch and the resume position
+    live in shared memory, so they are seen across DataLoader worker processes
+    (fork or spawn) and persistent workers.
     """
 
     def __init__(
@@ -381,6 +513,10 @@ class ShardReader(IterableDataset):
         shuffle_buffer: int = 2000,
         on_error: str = "raise",
         assignment: str = "round_robin",
+        start_batch: int = 0,
+        io_attempts: int = DEFAULT_ATTEMPTS,
+        io_base_delay: float = DEFAULT_BASE_DELAY,
+        io_max_delay: float = DEFAULT_MAX_DELAY,
     ) -> None:
         super().__init__()
         if split not in SPLITS:
@@ -393,6 +529,13 @@ class ShardReader(IterableDataset):
             raise ValueError(f"assignment must be one of {ASSIGNMENTS}, got {assignment!r}")
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        if start_batch < 0:
+            raise ValueError(f"start_batch must be >= 0, got {start_batch}")
+        if io_attempts < 1:
+            raise ValueError(f"io_attempts must be >= 1, got {io_attempts}")
+        self.io_attempts = int(io_attempts)
+        self.io_base_delay = float(io_base_delay)
+        self.io_max_delay = float(io_max_delay)
         self.manifest = load_manifest(manifest_url_or_dir)
         _, self.base_url = resolve_manifest_url(manifest_url_or_dir)
         self.split = split
@@ -412,7 +555,8 @@ class ShardReader(IterableDataset):
         self.on_error = on_error
         self.assignment = assignment
         self._epoch = torch.tensor([int(epoch)], dtype=torch.int64).share_memory_()
-        self._stats = torch.zeros(_STAT_SLOTS, 4, dtype=torch.int64).share_memory_()
+        self._resume = torch.tensor([int(epoch), int(start_batch)], dtype=torch.int64).share_memory_()
+        self._stats = torch.zeros(_STAT_SLOTS, 5, dtype=torch.int64).share_memory_()
 
     # ---------------------------------------------------------------- epoch / stats
 
@@ -421,7 +565,24 @@ class ShardReader(IterableDataset):
         return int(self._epoch[0])
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch used for shuffling (visible to already-started workers)."""
+        """Select the epoch used for shuffling (visible to already-started workers).
+
+        Does not touch the resume position: the epoch given with ``start_batch``
+        still starts there, every other epoch at batch 0."""
+        self._epoch[0] = int(epoch)
+
+    @property
+    def start_batch(self) -> int:
+        """Batch index at which this rank's stream of the *current* epoch begins."""
+        return int(self._resume[1]) if int(self._resume[0]) == self.epoch else 0
+
+    def set_position(self, epoch: int, start_batch: int = 0) -> None:
+        """Make the next iteration start epoch ``epoch`` at this rank's batch ``start_batch``
+        (visible to already-started persistent workers)."""
+        if start_batch < 0:
+            raise ValueError(f"start_batch must be >= 0, got {start_batch}")
+        self._resume[0] = int(epoch)
+        self._resume[1] = int(start_batch)
         self._epoch[0] = int(epoch)
 
     def _stat(self, col: int) -> int:
@@ -446,7 +607,13 @@ class ShardReader(IterableDataset):
 
     @property
     def batches_yielded(self) -> int:
+        """Batches produced by the workers (includes batches prefetched but not yet consumed)."""
         return self._stat(_BATCHES)
+
+    @property
+    def io_retries(self) -> int:
+        """Reopens after transient storage errors, over all workers (each also logs a warning)."""
+        return self._stat(_IO_RETRIES)
 
     def reset_stats(self) -> None:
         """Zero all counters."""
@@ -485,6 +652,87 @@ class ShardReader(IterableDataset):
         """Batches this rank could have yielded but drops because of ``max_batches``."""
         return self.epoch_plan(num_workers)["leftover_batches"]
 
+    # ---------------------------------------------------------------- resume position
+
+    def _layout(self, num_workers: int) -> Tuple[List[int], List[int], List[int]]:
+        """``(samples, uncapped batches, capped batches)`` per worker role of this rank."""
+        nw = max(1, int(num_workers))
+        per_worker = plan_reader_samples(self.manifest, self.split, self.world_size, nw, self.assignment)[self.rank]
+        wb = [_nbatches(n, self.batch_size, self.drop_last) for n in per_worker]
+        return per_worker, wb, worker_batch_caps(wb, self.max_batches)
+
+    def _identity(self, num_workers: int) -> Dict[str, Any]:
+        shards = [(sh["name"], sh.get("sha256"), int(sh["num_samples"])) for sh in self.shards]
+        digest = hashlib.sha256(json.dumps(shards).encode("utf-8")).hexdigest()[:16]
+        return {
+            "format": POSITION_FORMAT,
+            "split": self.split,
+            "shards_digest": digest,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "readers_per_rank": max(1, int(num_workers)),
+            "batch_size": self.batch_size,
+            "drop_last": self.drop_last,
+            "max_batches": self.max_batches,
+            "assignment": self.assignment,
+            "shuffle": self.shuffle,
+            "seed": self.seed if self.shuffle else None,
+            "shuffle_buffer": self.shuffle_buffer if self.shuffle else None,
+        }
+
+    def data_position(self, batch_in_epoch: int, num_workers: int = 0, epoch: Optional[int] = None) -> Dict[str, Any]:
+        """The "data position" to store in a checkpoint (a JSON-able dict).
+
+        Args:
+            batch_in_epoch: batches of this rank's current epoch the trainer has
+                *consumed* (taken from the DataLoader and trained on), counted from
+                the start of the epoch: a resumed run adds its ``start_batch``. Not
+                :attr:`batches_yielded`, which includes prefetched batches.
+            num_workers: the DataLoader's ``num_workers`` (0 and 1 are the same layout).
+            epoch: default :attr:`epoch`.
+
+        Returns:
+            ``{"epoch", "start_batch" (= batch_in_epoch, clamped to the epoch's batches),
+            "epoch_batches", "epoch_done", "workers": [{"worker", "batches", "samples"}, ...]
+            (what each worker role has consumed), plus the configuration the position
+            is only valid for (split, shard-list digest, rank, world_size,
+            readers_per_rank, batch_size, drop_last, max_batches, assignment, shuffle,
+            seed, shuffle_buffer)}``. Resume with :meth:`restore_position`.
+        """
+        per_worker, _, caps = self._layout(num_workers)
+        total = sum(caps)
+        k = max(0, min(int(batch_in_epoch), total))
+        skip, _ = worker_resume(caps, k)
+        pos = self._identity(num_workers)
+        pos.update(
+            epoch=int(self.epoch if epoch is None else epoch),
+            start_batch=k,
+            epoch_batches=total,
+            epoch_done=k >= total,
+            workers=[{"worker": w, "batches": skip[w], "samples": min(per_worker[w], skip[w] * self.batch_size)}
+                     for w in range(len(caps))],
+        )
+        return pos
+
+    def check_position(self, position: Dict[str, Any], num_workers: int = 0) -> None:
+        """Raise ``ValueError`` naming every setting in which ``position`` (from
+        :meth:`data_position`) differs from this reader with ``num_workers``: an exact
+        resume needs the same shards, ranks, workers, batch size, caps and shuffle."""
+        mine = self._identity(num_workers)
+        bad = [f"{k}: saved {position.get(k)!r}, now {v!r}" for k, v in mine.items() if position.get(k) != v]
+        if bad:
+            raise ValueError("data position does not match this reader (exact resume impossible):\n  "
+                             + "\n  ".join(bad))
+
+    def restore_position(self, position: Dict[str, Any], num_workers: int = 0) -> None:
+        """:meth:`check_position`, then :meth:`set_position` to the saved epoch and batch.
+        A finished epoch (``epoch_done``) resumes at the start of the next epoch."""
+        self.check_position(position, num_workers)
+        if position.get("epoch_done"):
+            self.set_position(int(position["epoch"]) + 1, 0)
+        else:
+            self.set_position(int(position["epoch"]), int(position["start_batch"]))
+
     # ---------------------------------------------------------------- reading
 
     def _fail(self, err: ShardError, slot: int, col: int) -> None:
@@ -493,11 +741,17 @@ class ShardReader(IterableDataset):
         self._stats[slot, col] += 1
         log.warning("skipping bad %s: %s", "sample" if col == _BAD_SAMPLES else "shard", err)
 
-    def _iter_tar(self, url: str, expected: int, first_index: int, stride: int, offset: int) -> Iterator[Tuple[str, Dict[str, bytes]]]:
+    def _iter_tar(self, url: str, expected: int, first_index: int, stride: int, offset: int,
+                  slot: int = 0) -> Iterator[Tuple[str, Dict[str, bytes]]]:
         """Yield ``(key, members)`` of the samples ``i`` (``first_index`` + local index) with
         ``i % stride == offset``; member data of other samples is skipped unread."""
+
+        def retried(_url: str, _offset: int, _err: BaseException) -> None:
+            self._stats[slot, _IO_RETRIES] += 1
+
         try:
-            fobj = fsspec.open(url, "rb").open()
+            fobj = open_retrying(url, attempts=self.io_attempts, base_delay=self.io_base_delay,
+                                 max_delay=self.io_max_delay, on_retry=retried)
         except FileNotFoundError:
             raise ShardError(f"{url}: shard file not found", url=url) from None
         except OSError as e:
@@ -531,6 +785,11 @@ class ShardReader(IterableDataset):
                         members[ext] = fx.read() if fx is not None else b""
                     else:
                         members[ext] = b""
+            except RetriesExhausted as e:
+                raise ShardError(
+                    f"{url}: storage read failed after {count} sample(s), at member {last!r}: {e}",
+                    url=url, key=key, member=last,
+                ) from e
             except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
                 raise ShardError(
                     f"{url}: corrupt or truncated tar after {count} sample(s), at member {last!r}: "
@@ -548,34 +807,97 @@ class ShardReader(IterableDataset):
         finally:
             fobj.close()
 
-    def _samples(self, g: int, r_total: int, slot: int, epoch: int) -> Iterator[Tuple[np.ndarray, int, int]]:
+    def _samples(self, g: int, r_total: int, slot: int, epoch: int, start: int = 0,
+                 extra: Sequence[int] = ()) -> Iterator[Tuple[int, Tuple[np.ndarray, int, int]]]:
+        """Reader ``g``'s samples in stream order as ``(index, sample)``; ``index`` counts the
+        samples the reader keeps (bad ones included). Only indices ``>= start`` and those in
+        ``extra`` are decoded and yielded; a shard holding none of them is not even opened."""
         sizes = [int(sh["num_samples"]) for sh in self.shards]
         order = shard_order(sizes, self.shuffle, self.seed, epoch)
         plan = reader_shard_plan(sizes, order, g, r_total, self.assignment)
+        wanted = sorted(set(int(i) for i in extra if i < start))
+        wanted_set = set(wanted)
+        lo = 0
         for s, first, stride, off in plan:
+            hi = lo + _kept(first, sizes[s], stride, off)
+            j = bisect.bisect_left(wanted, lo)
+            if hi <= start and (j == len(wanted) or wanted[j] >= hi):
+                lo = hi
+                continue
             sh = self.shards[s]
             url = shard_url(self.base_url, sh["name"])
+            i = lo
             try:
-                for key, members in self._iter_tar(url, sizes[s], first, stride, off):
+                for key, members in self._iter_tar(url, sizes[s], first, stride, off, slot):
+                    idx, i = i, i + 1
+                    if idx < start and idx not in wanted_set:
+                        continue
                     try:
-                        yield decode_sample(key, members, url, self.num_items, self.manifest_max_len,
-                                            self.min_history_len)
+                        yield idx, decode_sample(key, members, url, self.num_items, self.manifest_max_len,
+                                                 self.min_history_len)
                     except ShardError as e:
                         self._fail(e, slot, _BAD_SAMPLES)
             except ShardError as e:
                 self._fail(e, slot, _BAD_SHARDS)
+            lo = hi
 
     def _shuffled(self, it: Iterator[Any], rng: np.random.Generator) -> Iterator[Any]:
-        buf: List[Any] = []
+        sb = _ShuffleBuffer(self.shuffle_buffer, rng)
         for x in it:
-            if len(buf) < self.shuffle_buffer:
-                buf.append(x)
+            y = sb.push(x)
+            if y is not sb.EMPTY:
+                yield y
+        yield from sb.drain()
+
+    def _stream(self, g: int, r_total: int, slot: int, epoch: int, skip: int, n: int) -> Iterator[Any]:
+        """Reader ``g``'s samples in the order they are batched, without the first ``skip``.
+
+        ``skip > 0`` (resume): with ``on_error="raise"`` the position is found by running
+        the shuffle buffer on stream indices ``0..n-1`` (no I/O); then only the samples
+        still in the buffer and those after the position are read and decoded, and shards
+        holding none of them are not opened. With ``on_error="skip"`` (bad samples change
+        the stream) the skipped samples are read, shuffled and dropped uncollated.
+        """
+        rng = np.random.default_rng([self.seed, epoch, g]) if self.shuffle else None
+        if skip <= 0 or self.on_error != "raise":
+            it: Iterator[Any] = (x for _, x in self._samples(g, r_total, slot, epoch))
+            if rng is not None:
+                it = self._shuffled(it, rng)
+            for i, x in enumerate(it):
+                if i >= skip:
+                    yield x
+            return
+        if rng is None:
+            for _, x in self._samples(g, r_total, slot, epoch, start=skip):
+                yield x
+            return
+        sb = _ShuffleBuffer(self.shuffle_buffer, rng)
+        pos = emitted = 0
+        while emitted < skip and pos < n:
+            if sb.push(pos) is not sb.EMPTY:
+                emitted += 1
+            pos += 1
+        if emitted < skip:  # the resume point lies in the final drain
+            order = sb.drain()[skip - emitted:]
+            got = dict(self._samples(g, r_total, slot, epoch, start=n, extra=order))
+            for i in order:
+                yield got.pop(i)
+            return
+        held: Dict[int, Any] = {}
+        filled = False
+        for i, x in self._samples(g, r_total, slot, epoch, start=pos, extra=sb.buf):
+            if i < pos:
+                held[i] = x
                 continue
-            i = int(rng.integers(len(buf)))
-            buf[i], x = x, buf[i]
-            yield x
-        for i in rng.permutation(len(buf)).tolist():
-            yield buf[i]
+            if not filled:
+                sb.buf = [held.pop(j) for j in sb.buf]
+                filled = True
+            y = sb.push(x)
+            if y is not sb.EMPTY:
+                yield y
+        if not filled:
+            sb.buf = [held.pop(j) for j in sb.buf]
+        yield from sb.drain()
 
     def collate(self, samples: Sequence[Tuple[np.ndarray, int, int]]) -> Dict[str, torch.Tensor]:
         """Stack decoded samples into a batch (history left-padded with 0 to ``max_len``;
@@ -594,20 +916,19 @@ class ShardReader(IterableDataset):
     def __iter__(self) -> Iterator[Dict[str, torch.Tensor]]:
         info = get_worker_info()
         nw, wid = (info.num_workers, info.id) if info is not None else (1, 0)
-        r_total = self.world_size * nw
-        g = self.rank * nw + wid
-        slot = wid % _STAT_SLOTS
-        per_worker = plan_reader_samples(self.manifest, self.split, self.world_size, nw, self.assignment)[self.rank]
-        wb = [_nbatches(n, self.batch_size, self.drop_last) for n in per_worker]
-        cap = worker_batch_caps(wb, self.max_batches)[wid]
-        if cap == 0:
-            return
         epoch = self.epoch
-        it: Iterator[Any] = self._samples(g, r_total, slot, epoch)
-        if self.shuffle:
-            it = self._shuffled(it, np.random.default_rng([self.seed, epoch, g]))
+        start = int(self._resume[1]) if int(self._resume[0]) == epoch else 0
+        per_worker, _, caps = self._layout(nw)
+        skip, shift = worker_resume(caps, start)
+        role = (wid + shift) % nw  # the original worker whose batches this worker continues
+        r_total = self.world_size * nw
+        g = self.rank * nw + role
+        slot = wid % _STAT_SLOTS
+        cap, done = caps[role], skip[role]
+        if done >= cap:
+            return
+        it = self._stream(g, r_total, slot, epoch, done * self.batch_size, per_worker[role])
         batch: List[Tuple[np.ndarray, int, int]] = []
-        done = 0
         try:
             for s in it:
                 batch.append(s)
@@ -627,3 +948,8 @@ class ShardReader(IterableDataset):
         self._stats[slot, _SAMPLES] += len(batch)
         self._stats[slot, _BATCHES] += 1
         return self.collate(batch)
+
+
+def reader_position(reader: ShardReader, batch_in_epoch: int, num_workers: int = 0) -> Dict[str, Any]:
+    """``reader.data_position(batch_in_epoch, num_workers)``: what a checkpoint stores per rank."""
+    return reader.data_position(batch_in_epoch, num_workers)

@@ -6,3 +6,53 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+# --------------------------------------------------------------------------- S3-protocol server
+
+import pytest  # noqa: E402
+
+_S3_ENV_KEYS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE",
+                "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS",
+                "AWS_EC2_METADATA_DISABLED")
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-protocol server (moto's, in a thread of this process) on 127.0.0.1 at a free port.
+
+    For the session the standard AWS variables point at it (``AWS_ENDPOINT_URL``, dummy
+    credentials, ``AWS_DEFAULT_REGION``; profiles and ``~/.aws`` files are masked), in
+    ``os.environ`` itself so that spawned processes inherit them; they are restored at the
+    end. Clients talk to it over TCP (no in-process mocking). Yields an object with
+    ``endpoint``, ``host``, ``port`` and ``bucket`` (created empty).
+    """
+    import logging
+    from types import SimpleNamespace
+
+    moto_server = pytest.importorskip("moto.server")
+    import boto3
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    saved = {k: os.environ.get(k) for k in _S3_ENV_KEYS}
+    for k in _S3_ENV_KEYS:
+        os.environ.pop(k, None)
+    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                      AWS_DEFAULT_REGION="us-east-1", AWS_CONFIG_FILE=os.devnull,
+                      AWS_SHARED_CREDENTIALS_FILE=os.devnull, AWS_EC2_METADATA_DISABLED="true")
+    bucket = "recsys-test"
+    try:
+        boto3.client("s3").create_bucket(Bucket=bucket)
+        yield SimpleNamespace(endpoint=endpoint, host=host, port=port, bucket=bucket)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()
