@@ -120,6 +120,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
+    collective_timeout_s: float = 600.0  # a collective waiting longer (a dead/hung rank) raises
 
 
 @dataclass
@@ -136,6 +137,18 @@ class EvalConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """Where and how often the full job state is saved; resume is automatic."""
+
+    url: str | None = None  # any fsspec URL; default <output_dir>/<name>/checkpoints
+    every: int = 0  # save every N steps (0: only at the end); also always at the end
+    keep: int = 2  # complete checkpoints kept (older ones are deleted)
+    resume: bool = True  # start from the newest complete checkpoint under ``url`` if there is one
+    verify: str = "sha256"  # sha256 | size: how checkpoint files are checked before loading
+    enabled: bool = True  # False: no checkpoint files at all (tests, benchmarks)
+
+
+@dataclass
 class JobConfig:
     """One training job: dataset x model, plus where its outputs go."""
 
@@ -146,9 +159,13 @@ class JobConfig:
     sparse: SparseConfig = field(default_factory=SparseConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
+
+    def checkpoint_url(self) -> str:
+        return self.checkpoint.url or str(self.run_dir() / "checkpoints")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

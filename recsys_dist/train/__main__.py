@@ -19,6 +19,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="YAML job config (configs/*.yaml)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.max_steps=100")
     args = parser.parse_args(argv)
+    import faulthandler
+    import signal
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>`: where is a hung rank?
     cfg = load_config(args.config, args.overrides)
     from recsys_dist.train.loop import fit
     result = fit(cfg)

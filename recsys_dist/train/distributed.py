@@ -32,6 +32,20 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _elastic_attempt_store(timeout: datetime.timedelta) -> dist.Store | None:
+    """Under torchrun, the agent's store keyed by the restart attempt.
+
+    torchrun keeps one store across elastic restarts; the gloo process group of a restarted
+    worker would read the addresses of the previous attempt's (dead) workers from it and fail
+    to connect. A per-attempt prefix gives every attempt a clean namespace."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                          int(os.environ["WORLD_SIZE"]), is_master=False, timeout=timeout)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"recsys-dist/attempt-{attempt}", store)
+
+
 def init_distributed(device: torch.device, timeout_s: float = 600.0) -> tuple[int, int]:
     """Join the process group that torchrun / the deepspeed launcher describe in the
     environment; a plain ``python`` run becomes a 1-rank group on a free local port.
@@ -44,7 +58,13 @@ def init_distributed(device: torch.device, timeout_s: float = 600.0) -> tuple[in
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
                               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store = _elastic_attempt_store(timeout)
+        if store is None:
+            dist.init_process_group(backend=backend, timeout=timeout)
+        else:
+            dist.init_process_group(backend=backend, timeout=timeout, store=store,
+                                    rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
     return dist.get_rank(), dist.get_world_size()
 
 

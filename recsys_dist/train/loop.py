@@ -15,10 +15,11 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from recsys_dist.config import JobConfig, default_data_dir
+from recsys_dist.config import JobConfig, default_data_dir, stream_seed
 from recsys_dist.models import build_model
 from recsys_dist.sparse import ShardedItemTable
 from recsys_dist.train.distributed import barrier, init_distributed, pick_device, seed_everything
+from recsys_dist.train.checkpoint import CheckpointManager, TrainState
 from recsys_dist.train.engine import build_engine
 from recsys_dist.train.report import RunReport, setup_logging
 from recsys_dist.train.step import train_step
@@ -59,8 +60,11 @@ def ensure_shards(cfg: JobConfig, rank: int) -> dict[str, Any]:
 
 
 def make_loader(cfg: JobConfig, manifest: dict, split: str, rank: int, world: int, train: bool,
-            batch_size: int, epoch: int = 0):
-    """DataLoader over one split for this rank, and (train) the equal per-rank batch count."""
+            batch_size: int, epoch: int = 0, start_batch: int = 0):
+    """DataLoader over one split for this rank, and (train) the equal per-rank batch count.
+
+    ``start_batch``: resume mid-epoch -- the stream starts at this rank's batch ``start_batch``
+    of ``epoch``, exactly as the uninterrupted stream continues from there."""
     from shards import ShardReader, plan_batches
 
     url = cfg.data.resolved_shards_url()
@@ -74,9 +78,12 @@ def make_loader(cfg: JobConfig, manifest: dict, split: str, rank: int, world: in
     reader = ShardReader(url, split, batch_size=batch_size, rank=rank, world_size=world,
                          max_len=cfg.data.max_len, num_items=manifest["num_items"], shuffle=train,
                          seed=cfg.train.seed, epoch=epoch, drop_last=train, max_batches=max_batches,
-                         assignment=cfg.data.assignment if train else "round_robin")
-    loader = DataLoader(reader, batch_size=None, num_workers=cfg.data.num_workers,
-                        persistent_workers=False)
+                         assignment=cfg.data.assignment if train else "round_robin",
+                         start_batch=start_batch)
+    # its own generator: creating an iterator must not draw from the global torch RNG (dropout
+    # masks), or a resumed run (a fresh iterator mid-epoch) would drift from an uninterrupted one
+    loader = DataLoader(reader, batch_size=None, num_workers=cfg.data.num_workers, persistent_workers=False,
+                        generator=torch.Generator().manual_seed(stream_seed(cfg.train.seed, "loader", epoch)))
     return loader, max_batches
 
 
@@ -110,9 +117,13 @@ class Snapshot:
 
 
 def fit(cfg: JobConfig) -> dict[str, Any]:
-    """Train and evaluate one job; returns (on every rank) the metrics written to metrics.json."""
+    """Train and evaluate one job; returns (on every rank) the metrics written to metrics.json.
+
+    With checkpoints on (the default) the job resumes from the newest complete checkpoint
+    under ``cfg.checkpoint_url()`` and continues exactly where it stopped (see checkpoint.py).
+    """
     device = pick_device(cfg.train.device)
-    rank, world = init_distributed(device)
+    rank, world = init_distributed(device, cfg.train.collective_timeout_s)
     run_dir = cfg.run_dir()
     setup_logging(rank, run_dir)
     seed_everything(cfg.train.seed)
@@ -125,67 +136,105 @@ def fit(cfg: JobConfig) -> dict[str, Any]:
     engine = build_engine(model, cfg.train, device)
     report = RunReport(run_dir, rank)
 
+    ckpt: CheckpointManager | None = None
+    state = TrainState()
+    saved_step: int | None = None
+    if cfg.checkpoint.enabled:
+        ckpt = CheckpointManager(cfg.checkpoint_url(), cfg, num_rows, cfg.checkpoint.keep, cfg.checkpoint.verify)
+        latest = ckpt.latest() if cfg.checkpoint.resume else None
+        if latest is not None:
+            state = ckpt.load(latest, engine, table)
+            saved_step = state.step
+            report.losses, report.val = list(state.losses), list(state.val)
+
     from tqdm import tqdm
-    bar = tqdm(total=cfg.train.max_steps, desc=f"train {cfg.name}", disable=rank != 0, dynamic_ncols=True)
-    best: Snapshot | None = None
-    best_value = float("-inf")
-    last_val: dict[str, float] = {}
-    step, epoch, t_train, t_steps = 0, 0, 0.0, 0
+    bar = tqdm(total=cfg.train.max_steps, initial=state.step, desc=f"train {cfg.name}", disable=rank != 0,
+               dynamic_ncols=True)
+    best: Snapshot | None = None  # in memory; with checkpoints also on storage (``ckpt.save_best``)
+    last_val: dict[str, float] = dict(state.val[-1][1]) if state.val else {}
+    t_train, t_steps, local_steps = 0.0, 0, 0
 
     def validate() -> None:
-        nonlocal best, best_value, last_val
+        nonlocal best, last_val
         loader, _ = make_loader(cfg, manifest, "val", rank, world, False, cfg.eval.batch_size)
         t0 = time.perf_counter()
         metrics = evaluate_model(engine.module, table, _subset(loader, cfg.eval.val_max_users), cfg.eval, cfg.data.max_len)
         metrics["seconds"] = time.perf_counter() - t0
-        report.validation(step, metrics)
+        report.validation(state.step, metrics)
         last_val = metrics
         value = metrics[cfg.eval.select_metric]
-        log.info("step %d val %s", step, _fmt(metrics))
+        log.info("step %d val %s", state.step, _fmt(metrics))
         if value != value:
-            raise RuntimeError(f"validation {cfg.eval.select_metric} is NaN at step {step} "
+            raise RuntimeError(f"validation {cfg.eval.select_metric} is NaN at step {state.step} "
                                f"({metrics.get('num_users')} users): nothing to select")
-        if value > best_value:
-            best_value, best = value, Snapshot.take(step, engine, table)
+        if value > state.best_value:
+            state.best_value, state.best_step = value, state.step
+            best = Snapshot.take(state.step, engine, table)
+            if ckpt is not None:
+                ckpt.save_best(engine, table, state.step, value)
 
-    while step < cfg.train.max_steps:
-        loader, steps_per_epoch = make_loader(cfg, manifest, "train", rank, world, True, cfg.train.batch_size, epoch)
-        if epoch == 0:
+    def save_checkpoint(reader=None) -> None:
+        nonlocal saved_step
+        if ckpt is not None and saved_step != state.step:
+            state.losses, state.val = report.losses, report.val
+            if reader is not None:
+                state.data_position = reader.data_position(state.batch_in_epoch, num_workers=cfg.data.num_workers,
+                                                           epoch=state.epoch)
+            ckpt.save(engine, table, state)
+            saved_step = state.step
+
+    reader = None  # the current epoch's ShardReader (its position goes into checkpoints)
+    while state.step < cfg.train.max_steps:
+        loader, steps_per_epoch = make_loader(cfg, manifest, "train", rank, world, True, cfg.train.batch_size,
+                                              state.epoch, state.batch_in_epoch)
+        if state.epoch == 0 and state.batch_in_epoch == 0:
             log.info("%d steps per epoch (batch %d x %d ranks)", steps_per_epoch, cfg.train.batch_size, world)
+        reader = loader.dataset
         for batch in loader:
             t0 = time.perf_counter()
-            loss = train_step(engine, table, batch["history"].to(device), batch["target"].to(device), step, cfg.train.seed,
-                              cfg.train.loss, cfg.train.num_negatives)
-            step += 1
-            if step > 2:  # the first steps pay for lazy initialisation
+            loss = train_step(engine, table, batch["history"].to(device), batch["target"].to(device), state.step,
+                              cfg.train.seed, cfg.train.loss, cfg.train.num_negatives)
+            state.step += 1
+            state.batch_in_epoch += 1
+            local_steps += 1
+            if local_steps > 2:  # the first steps of a process pay for lazy initialisation
                 t_train += time.perf_counter() - t0
                 t_steps += 1
-            if step % cfg.train.log_every == 0 or step == 1:
-                report.loss(step, loss.item())
-                bar.set_postfix(loss=f"{loss.item():.3f}", epoch=epoch)
+            if state.step % cfg.train.log_every == 0 or state.step == 1:
+                report.loss(state.step, loss.item())
+                bar.set_postfix(loss=f"{loss.item():.3f}", epoch=state.epoch)
             bar.update(1)
-            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps:
+            if cfg.train.eval_every and state.step % cfg.train.eval_every == 0 and state.step < cfg.train.max_steps:
                 validate()
-            if step >= cfg.train.max_steps:
+            if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0 and state.step < cfg.train.max_steps:
+                save_checkpoint(reader)
+            if state.step >= cfg.train.max_steps:
                 break
-        epoch += 1
+        else:
+            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
     bar.close()
-    validate()
+    if not any(s == state.step for s, _ in report.val):  # not already validated at this step
+        validate()
+    save_checkpoint(reader)
 
-    if best is None:
+    if best is not None and best.step == state.best_step:
+        best.restore(engine, table)
+    elif ckpt is not None and state.best_step is not None:
+        ckpt.load_best(engine, table, state.best_step)  # selected before a restart
+    else:
         raise RuntimeError("no validation result to select a state from")
-    best.restore(engine, table)
     loader, _ = make_loader(cfg, manifest, "test", rank, world, False, cfg.eval.batch_size)
     t0 = time.perf_counter()
     test = evaluate_model(engine.module, table, loader, cfg.eval, cfg.data.max_len)
     test["seconds"] = time.perf_counter() - t0
-    log.info("test (state of step %d, selected on val %s): %s", best.step, cfg.eval.select_metric, _fmt(test))
+    log.info("test (state of step %d, selected on val %s): %s", state.best_step, cfg.eval.select_metric, _fmt(test))
+    step, epoch, best_value = state.step, state.epoch, state.best_value
 
     popularity = popularity_metrics(cfg, manifest, rank, world)
     payload = {
         "name": cfg.name, "model": cfg.model.name, "dataset": cfg.data.dataset, "world_size": world,
         "device": str(device), "steps": step, "epochs_started": epoch,
-        "selected_step": best.step, "select_metric": cfg.eval.select_metric, "best_val": best_value,
+        "selected_step": state.best_step, "select_metric": cfg.eval.select_metric, "best_val": best_value,
         "test": test, "popularity_test": popularity, "last_val": last_val,
         "seconds_per_step": t_train / max(t_steps, 1),
         "samples_per_second": cfg.train.batch_size * world * t_steps / max(t_train, 1e-9),
