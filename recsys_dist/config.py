@@ -115,7 +115,10 @@ class TrainConfig:
     zero_stage: int = 1
     grad_clip: float = 1.0  # dense parameters only (DeepSpeed)
     loss: str = "full_ce"  # full_ce | sampled_softmax
-    num_negatives: int = 1024  # sampled_softmax: uniform negatives shared by the batch
+    num_negatives: int = 1024  # sampled_softmax: negatives shared by the global batch
+    negative_sampler: str = "uniform"  # uniform | popularity ((count + 1) ** sampler_alpha), logQ-corrected
+    sampler_alpha: float = 0.75
+    in_batch_negatives: bool = False  # also the global batch's targets as negatives (logQ-corrected)
     eval_every: int = 0  # validate every N steps (0: only at the end)
     log_every: int = 10
     seed: int = 0
@@ -134,6 +137,7 @@ class EvalConfig:
     select_metric: str = "NDCG@10"  # validation metric that selects the checkpoint
     val_max_users: int | None = None  # validate on a fixed subset (first N users) for speed
     item_chunk: int = 65536  # items scored per matmul chunk (bounds memory)
+    test_max_users: int | None = None  # test on a fixed subset (first N users): huge catalogs on CPU
 
 
 @dataclass

@@ -21,6 +21,7 @@ from recsys_dist.sparse import ShardedItemTable
 from recsys_dist.train.distributed import barrier, init_distributed, pick_device, seed_everything
 from recsys_dist.train.checkpoint import CheckpointManager, TrainState
 from recsys_dist.train.engine import build_engine
+from recsys_dist.train.negatives import NegativeSampler
 from recsys_dist.train.report import RunReport, setup_logging
 from recsys_dist.train.step import train_step
 from recsys_dist.train.validate import evaluate_model, evaluate_popularity
@@ -183,6 +184,11 @@ def fit(cfg: JobConfig) -> dict[str, Any]:
             ckpt.save(engine, table, state)
             saved_step = state.step
 
+    sampler = None
+    if cfg.train.loss == "sampled_softmax":
+        needs_counts = cfg.train.negative_sampler == "popularity" or cfg.train.in_batch_negatives
+        sampler = NegativeSampler(num_rows, load_item_counts(cfg, manifest) if needs_counts else None,
+                                  cfg.train.negative_sampler, cfg.train.sampler_alpha)
     reader = None  # the current epoch's ShardReader (its position goes into checkpoints)
     while state.step < cfg.train.max_steps:
         loader, steps_per_epoch = make_loader(cfg, manifest, "train", rank, world, True, cfg.train.batch_size,
@@ -193,7 +199,8 @@ def fit(cfg: JobConfig) -> dict[str, Any]:
         for batch in loader:
             t0 = time.perf_counter()
             loss = train_step(engine, table, batch["history"].to(device), batch["target"].to(device), state.step,
-                              cfg.train.seed, cfg.train.loss, cfg.train.num_negatives)
+                              cfg.train.seed, cfg.train.loss, cfg.train.num_negatives, sampler,
+                              cfg.train.in_batch_negatives)
             state.step += 1
             state.batch_in_epoch += 1
             local_steps += 1
@@ -225,7 +232,7 @@ def fit(cfg: JobConfig) -> dict[str, Any]:
         raise RuntimeError("no validation result to select a state from")
     loader, _ = make_loader(cfg, manifest, "test", rank, world, False, cfg.eval.batch_size)
     t0 = time.perf_counter()
-    test = evaluate_model(engine.module, table, loader, cfg.eval, cfg.data.max_len)
+    test = evaluate_model(engine.module, table, _subset(loader, cfg.eval.test_max_users), cfg.eval, cfg.data.max_len)
     test["seconds"] = time.perf_counter() - t0
     log.info("test (state of step %d, selected on val %s): %s", state.best_step, cfg.eval.select_metric, _fmt(test))
     step, epoch, best_value = state.step, state.epoch, state.best_value
@@ -250,8 +257,8 @@ def fit(cfg: JobConfig) -> dict[str, Any]:
     return payload
 
 
-def popularity_metrics(cfg: JobConfig, manifest: dict, rank: int, world: int) -> dict[str, float]:
-    """Test metrics of the popularity ranker (train-split counts) through the same evaluator."""
+def load_item_counts(cfg: JobConfig, manifest: dict) -> torch.Tensor:
+    """(num_items + 1,) int64 train-split occurrences of each item (row 0 = padding = 0)."""
     import io
 
     import fsspec
@@ -260,9 +267,15 @@ def popularity_metrics(cfg: JobConfig, manifest: dict, rank: int, world: int) ->
 
     _, base = resolve_manifest_url(cfg.data.resolved_shards_url())
     with fsspec.open(shard_url(base, manifest["train_item_counts_file"]), "rb") as f:
-        counts = torch.as_tensor(np.load(io.BytesIO(f.read()), allow_pickle=False))
+        return torch.as_tensor(np.load(io.BytesIO(f.read()), allow_pickle=False))
+
+
+def popularity_metrics(cfg: JobConfig, manifest: dict, rank: int, world: int) -> dict[str, float]:
+    """Test metrics of the popularity ranker (train-split counts) through the same evaluator."""
+    counts = load_item_counts(cfg, manifest)
     loader, _ = make_loader(cfg, manifest, "test", rank, world, False, cfg.eval.batch_size)
-    return evaluate_popularity(counts, int(manifest["num_items"]) + 1, loader, cfg.eval, rank, world)
+    return evaluate_popularity(counts, int(manifest["num_items"]) + 1, _subset(loader, cfg.eval.test_max_users),
+                               cfg.eval, rank, world)
 
 
 def _fmt(metrics: dict[str, float]) -> str:

@@ -10,6 +10,7 @@ The path of one batch (see README "One batch"):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,7 @@ import torch.distributed as dist
 from recsys_dist.config import stream_seed
 from recsys_dist.sparse import ShardedItemTable
 from recsys_dist.train.losses import sampled_softmax_ce, sharded_softmax_ce
+from recsys_dist.train.negatives import NegativeSampler
 
 
 class NonFiniteLossError(RuntimeError):
@@ -58,24 +60,42 @@ def step_noise(model, step: int, seed: int, local_batch: int, max_len: int, rank
     return {k: v[rank * local_batch:(rank + 1) * local_batch].to(device) for k, v in noise.items()}
 
 
+def _all_gather_ids(ids: torch.Tensor, world: int) -> torch.Tensor:
+    """(W * b,) ids of every rank (b equal on all ranks), in rank order."""
+    if world == 1:
+        return ids
+    out = [torch.empty_like(ids) for _ in range(world)]
+    dist.all_gather(out, ids)
+    return torch.cat(out)
+
+
 def train_step(engine, table: ShardedItemTable, history: torch.Tensor, target: torch.Tensor,
-               step: int, seed: int, loss_name: str = "full_ce", num_negatives: int = 1024) -> torch.Tensor:
+               step: int, seed: int, loss_name: str = "full_ce", num_negatives: int = 1024,
+               sampler: NegativeSampler | None = None, in_batch_negatives: bool = False) -> torch.Tensor:
     """Forward, backward and update for one batch; returns the global mean loss (detached).
 
     history: (B, L) long, 0 = pad, left-padded; target: (B,) long item ids. B equal on all ranks.
     loss_name: ``full_ce`` (softmax over every item, exact across shards) or
-    ``sampled_softmax`` (``num_negatives`` uniform ids shared by the global batch).
+    ``sampled_softmax``: ``num_negatives`` ids from ``sampler`` (uniform if None) shared by the
+    global batch, plus (``in_batch_negatives``) the global batch's targets, logQ-corrected.
     """
     model = engine.module
     rank, world = table.rank, table.world_size
+    log_counts = None  # (n,) log expected count of each candidate (logQ correction)
     if not getattr(model, "uses_scorer", True):
         candidates = torch.empty(0, dtype=torch.long)
     elif loss_name == "full_ce":
         lo, hi = table.score_block()
         candidates = torch.arange(max(lo, 1), hi)  # this rank's rows; padding is never a candidate
     elif loss_name == "sampled_softmax":
-        gen = torch.Generator().manual_seed(stream_seed(seed, "negatives", step))
-        candidates = torch.randint(1, table.num_rows, (num_negatives,), generator=gen)
+        sampler = sampler or NegativeSampler(table.num_rows, kind="uniform")
+        candidates, log_counts = sampler.draw(num_negatives, seed, step)
+        if in_batch_negatives:
+            batch_ids = _all_gather_ids(target, world).cpu()
+            if log_counts is None:  # uniform: its constant no longer cancels against in-batch ones
+                log_counts = torch.full((num_negatives,), math.log(num_negatives / (table.num_rows - 1)))
+            log_counts = torch.cat([log_counts, sampler.in_batch_log_count(batch_ids)])
+            candidates = torch.cat([candidates, batch_ids])
     else:
         raise ValueError(f"unknown loss '{loss_name}' (full_ce | sampled_softmax)")
     batch, (block,) = embed(table, history, target, [candidates])
@@ -89,7 +109,8 @@ def train_step(engine, table: ShardedItemTable, history: torch.Tensor, target: t
         target_logits = (query * batch.target.float()).sum(-1)
         if loss_name == "full_ce":
             return sharded_softmax_ce(query, target_logits, block.float())
-        return sampled_softmax_ce(query, target_logits, target_ids, block.float(), candidates.to(query.device))
+        return sampled_softmax_ce(query, target_logits, target_ids, block.float(), candidates.to(query.device),
+                                  None if log_counts is None else log_counts.to(query.device))
 
     dtype = next(model.parameters()).dtype  # bf16 under DeepSpeed on GPU
     loss = engine(batch.hist.to(dtype), batch.mask, batch.target.to(dtype), noise, scorer).float()
