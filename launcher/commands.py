@@ -53,7 +53,9 @@ def train(args) -> int:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // max(args.nproc_per_node, 1))))
     print("+ " + " ".join(cmd), file=sys.stderr, flush=True)
-    return subprocess.call(cmd, env=env)
+    # replace this process: SIGTERM from a scheduler (k8s pod deletion) reaches torchrun directly
+    os.execvpe(cmd[0], cmd, env)
+    return 1  # not reached
 
 
 def metrics_table(rows: list[tuple[str, dict]]) -> str:

@@ -50,6 +50,9 @@ class DataConfig:
     compress: bool = True  # gzip shards (.tar.gz): ~20x smaller, streamed through fsspec
     assignment: str = "balanced"  # train shards -> readers: balanced | round_robin (see shards/reader.py)
     num_workers: int = 0  # DataLoader workers per rank
+    # dataset "synthetic": the generator's catalog and users (python -m shards synth; defaults there)
+    synth_items: int = 10_000_000
+    synth_users: int = 20_000
 
     def resolved_shards_url(self) -> str:
         if self.shards_url:

@@ -33,6 +33,12 @@ def build_job_shards(cfg: JobConfig) -> dict[str, Any]:
     """Build (or find, when already built with the same parameters) the job's shards."""
     from shards import build_shards
 
+    if cfg.data.dataset == "synthetic":
+        from shards.synthetic import synth_shards
+        return synth_shards(cfg.data.resolved_shards_url(), num_items=cfg.data.synth_items,
+                            num_users=cfg.data.synth_users, max_len=cfg.data.max_len, seed=cfg.train.seed,
+                            train_prefixes_per_user=cfg.data.train_prefixes_per_user,
+                            samples_per_shard=cfg.data.samples_per_shard, compress=cfg.data.compress)
     return build_shards(cfg.data.dataset, cfg.data.resolved_shards_url(),
                         data_dir=cfg.data.data_dir or default_data_dir(), max_len=cfg.data.max_len,
                         train_prefixes_per_user=cfg.data.train_prefixes_per_user,
