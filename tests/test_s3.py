@@ -27,6 +27,7 @@ from distributed_harness import run_distributed
 from shards.reader import ShardReader, plan_batches, steps_per_epoch
 from shards.schema import ShardError
 from test_reader_resume import write_shards
+from recsys_dist.config import REPO_ROOT
 
 pytest.importorskip("s3fs")
 pytest.importorskip("moto")
@@ -536,3 +537,42 @@ def test_plain_webdataset_reads_s3_in_spawned_workers(s3_data):
     # the same samples as ShardReader
     rd = Counter(k for b in ShardReader(url, "train", 100) for k in batch_keys(b))
     assert rd == got
+
+
+# ---------------------------------------------------------------- training straight from S3
+
+def _fit_from_s3(shards_url, ckpt_url, out_dir):
+    from recsys_dist.config import load_config
+    from recsys_dist.train.loop import fit
+
+    cfg = load_config(str(REPO_ROOT / "configs/models/sasrec.yaml"), [
+        "name=s3job", f"output_dir={out_dir}", "data.dataset=synthetic", f"data.shards_url={shards_url}",
+        "data.build_if_missing=false", "data.max_len=10", "data.num_workers=2", "model.dim=16",
+        "model.num_blocks=1", "train.batch_size=16", "train.max_steps=12", "train.log_every=4",
+        "eval.batch_size=64", f"checkpoint.url={ckpt_url}", "checkpoint.every=6"])
+    out = fit(cfg)
+    return {"world": out["world_size"], "steps": out["steps"], "test_users": out["test"]["num_users"]}
+
+
+@pytest.mark.slow
+def test_train_two_ranks_two_workers_from_s3(s3_server, tmp_path):
+    """The trainer itself (2 ranks x 2 DataLoader workers) streams its shards from S3 and writes
+    its checkpoints there."""
+    import subprocess
+    import sys
+
+    import fsspec
+    from distributed_harness import run_distributed
+
+    local = tmp_path / "synth"
+    subprocess.run([sys.executable, "-m", "shards", "synth", "--out", str(local), "--num-items", "300",
+                    "--num-users", "200", "--max-len", "10", "--samples-per-shard", "150", "--num-interests", "15",
+                    "--no-progress"], cwd=REPO_ROOT, check=True, capture_output=True,
+                   env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
+    url = f"s3://{s3_server.bucket}/train-from-s3"
+    fs = fsspec.filesystem("s3")
+    fs.put(str(local) + "/", url + "/", recursive=True)
+    ckpt = f"s3://{s3_server.bucket}/train-from-s3-ckpt"
+    out = run_distributed(_fit_from_s3, 2, url, ckpt, str(tmp_path / "runs"))
+    assert out[0] == out[1] == {"world": 2, "steps": 12, "test_users": 200}
+    assert fs.exists(f"{ckpt}/step-00000012/checkpoint.json") and fs.exists(f"{ckpt}/step-00000006/checkpoint.json")
