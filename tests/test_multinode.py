@@ -15,6 +15,7 @@ import sys
 
 import pytest
 
+from distributed_harness import synth_shards
 from recsys_dist.config import REPO_ROOT
 
 JOB = ["--config", "configs/models/sasrec.yaml", "data.dataset=synthetic", "data.build_if_missing=false",
@@ -30,12 +31,7 @@ def _port() -> int:
 
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
-    out = tmp_path_factory.mktemp("synth") / "shards"
-    subprocess.run([sys.executable, "-m", "shards", "synth", "--out", str(out), "--num-items", "300",
-                    "--num-users", "200", "--max-len", "10", "--samples-per-shard", "300",
-                    "--num-interests", "15", "--no-progress"], cwd=REPO_ROOT, check=True,
-                   env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)), capture_output=True)
-    return out
+    return synth_shards(tmp_path_factory.mktemp("synth") / "shards", 300, 200, 300, 15)
 
 
 def _env():

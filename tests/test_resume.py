@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 
+from distributed_harness import synth_shards as write_synth_shards
 from recsys_dist.config import REPO_ROOT
 
 STEPS, EVERY = 120, 10
@@ -31,12 +32,7 @@ STEPS, EVERY = 120, 10
 
 @pytest.fixture(scope="module")
 def synth_shards(tmp_path_factory):
-    out = tmp_path_factory.mktemp("synth") / "shards"
-    subprocess.run([sys.executable, "-m", "shards", "synth", "--out", str(out), "--num-items", "400",
-                    "--num-users", "300", "--max-len", "10", "--samples-per-shard", "400",
-                    "--num-interests", "20", "--no-progress"], cwd=REPO_ROOT, check=True,
-                   env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)), capture_output=True)
-    return out
+    return write_synth_shards(tmp_path_factory.mktemp("synth") / "shards", 400, 300, 400, 20)
 
 
 def _cmd(out_dir: Path, shards: Path, restarts: int) -> list[str]:

@@ -558,17 +558,10 @@ def _fit_from_s3(shards_url, ckpt_url, out_dir):
 def test_train_two_ranks_two_workers_from_s3(s3_server, tmp_path):
     """The trainer itself (2 ranks x 2 DataLoader workers) streams its shards from S3 and writes
     its checkpoints there."""
-    import subprocess
-    import sys
-
     import fsspec
-    from distributed_harness import run_distributed
+    from distributed_harness import synth_shards
 
-    local = tmp_path / "synth"
-    subprocess.run([sys.executable, "-m", "shards", "synth", "--out", str(local), "--num-items", "300",
-                    "--num-users", "200", "--max-len", "10", "--samples-per-shard", "150", "--num-interests", "15",
-                    "--no-progress"], cwd=REPO_ROOT, check=True, capture_output=True,
-                   env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
+    local = synth_shards(tmp_path / "synth", 300, 200, 150, 15)
     url = f"s3://{s3_server.bucket}/train-from-s3"
     fs = fsspec.filesystem("s3")
     fs.put(str(local) + "/", url + "/", recursive=True)
