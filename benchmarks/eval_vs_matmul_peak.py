@@ -25,74 +25,21 @@ evaluator does) and counts the score chunks ``rank_targets`` computes twice. An 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import socket
 import statistics
 import time
 import traceback
 from pathlib import Path
 
+from _common import LoadProbe, busy_cpu_s, collect_results, machine_info  # benchmarks/_common.py (the script's folder is on sys.path)
+
 PEAK_M, PEAK_N = 4096, 200_000
 KS = (5, 10, 20, 50)
 
 
 # --------------------------------------------------------------------------- machine / load
-
-
-def machine_info() -> dict:
-    import torch
-    cpu, flags = "?", set()
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name") and cpu == "?":
-                cpu = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    with open("/proc/meminfo") as f:
-        mem_kib = int(next(line for line in f if line.startswith("MemTotal")).split()[1])
-    return {"cpu": cpu, "cpu_flags": sorted(flags & {"avx", "avx2", "fma", "avx512f", "avx512_bf16"}),
-            "cores": os.cpu_count(), "mem_gib": round(mem_kib / 2**20, 1), "torch": torch.__version__,
-            "python": platform.python_version(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "loadavg_at_start": os.getloadavg()}
-
-
-def _busy_cpu_s() -> float:
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:9]]
-    return (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / os.sysconf("SC_CLK_TCK")
-
-
-def _own_cpu_s() -> float:
-    import psutil
-    t = os.times()
-    s = t.user + t.system + t.children_user + t.children_system
-    for c in psutil.Process().children(recursive=True):
-        try:
-            ct = c.cpu_times()
-            s += ct.user + ct.system
-        except psutil.Error:
-            pass
-    return s
-
-
-class LoadProbe:
-    """Wall time of a block and the cores other processes kept busy meanwhile."""
-
-    def __enter__(self):
-        self.t0, self.busy0, self.own0 = time.perf_counter(), _busy_cpu_s(), _own_cpu_s()
-        return self
-
-    def __exit__(self, *exc):
-        self.wall = time.perf_counter() - self.t0
-        foreign = (_busy_cpu_s() - self.busy0) - (_own_cpu_s() - self.own0)
-        self.other = max(0.0, foreign) / max(self.wall, 1e-9)
-        return False
-
-
-# --------------------------------------------------------------------------- GEMM peak
 
 
 def gemm_peak(d: int, reps: int, plain_reps: int = 0, m: int = PEAK_M, n: int = PEAK_N, barrier=None) -> dict:
@@ -163,7 +110,7 @@ def _rank(rank: int, world: int, port: int, spec: dict, queue) -> None:
 
         call(queries[:4], targets[:4])  # warm-up (thread pool, allocator); 4 queries per rank
         calls, total = 0, 0.0
-        busy0, own0 = _busy_cpu_s(), os.times()
+        busy0, own0 = busy_cpu_s(), os.times()
         while calls < 1 or (total < spec["min_seconds"] and calls < spec["max_calls"]):
             dist.barrier()
             t = time.perf_counter()
@@ -173,7 +120,7 @@ def _rank(rank: int, world: int, port: int, spec: dict, queue) -> None:
             calls += 1
         own1 = os.times()
         res.update(calls=calls, seconds=total, num_users=r.num_users,
-                   busy_cpu_s=_busy_cpu_s() - busy0,
+                   busy_cpu_s=busy_cpu_s() - busy0,
                    own_cpu_s=(own1.user + own1.system) - (own0.user + own0.system))
 
         # -- gap analysis: chunks computed twice (targets' chunks not kept in the score cache)
@@ -270,33 +217,7 @@ def run_config(spec: dict, world: int, timeout_s: float = 1200) -> list[dict]:
     procs = [ctx.Process(target=_rank, args=(r, world, port, spec, queue)) for r in range(world)]
     for p in procs:
         p.start()
-    results, errors = {}, []
-    deadline = time.monotonic() + timeout_s
-    try:
-        while len(results) < world and not errors:
-            try:
-                rank, status, value = queue.get(timeout=5)
-            except Exception:  # queue.Empty: check that every rank still lives
-                dead = [r for r, p in enumerate(procs) if r not in results and p.exitcode is not None]
-                if dead:
-                    errors.append(f"rank(s) {dead} exited without a result (exit codes "
-                                  f"{[procs[r].exitcode for r in dead]})")
-                elif time.monotonic() > deadline:
-                    errors.append(f"timed out after {timeout_s} s")
-                continue
-            if status != "ok":
-                errors.append(f"rank {rank}:\n{value}")
-            else:
-                results[rank] = value
-    finally:
-        for p in procs:
-            p.join(timeout=60 if not errors else 1)
-            if p.is_alive():
-                p.kill()
-                p.join()
-    if errors:
-        raise RuntimeError("\n".join(errors))
-    return [results[r] for r in range(world)]
+    return collect_results(procs, queue, world, timeout_s)
 
 
 # --------------------------------------------------------------------------- main

@@ -26,12 +26,10 @@ the shards the first time)::
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import logging
 import multiprocessing as mp
 import os
-import platform
 import time
 import warnings
 from itertools import islice
@@ -39,62 +37,12 @@ from pathlib import Path
 
 import torch
 
+from _common import LoadProbe, machine_info  # benchmarks/_common.py (the script's folder is on sys.path)
+
 BATCH = 256
 
 
 # --------------------------------------------------------------------------- machine / load
-
-
-def machine_info() -> dict:
-    cpu, flags = "?", set()
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name") and cpu == "?":
-                cpu = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    with open("/proc/meminfo") as f:
-        mem_kib = int(next(line for line in f if line.startswith("MemTotal")).split()[1])
-    return {"cpu": cpu, "cpu_flags": sorted(flags & {"avx", "avx2", "fma", "avx512f", "avx512_bf16"}),
-            "cores": os.cpu_count(), "mem_gib": round(mem_kib / 2**20, 1), "torch": torch.__version__,
-            "python": platform.python_version(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "loadavg_at_start": os.getloadavg()}
-
-
-def _busy_cpu_s() -> float:
-    """CPU-seconds the whole machine has been busy (user..steal, not idle/iowait)."""
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:9]]
-    return (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / os.sysconf("SC_CLK_TCK")
-
-
-def _own_cpu_s() -> float:
-    """CPU-seconds of this process, its reaped children and its live descendants."""
-    import psutil
-    t = os.times()
-    s = t.user + t.system + t.children_user + t.children_system
-    for c in psutil.Process().children(recursive=True):
-        try:
-            ct = c.cpu_times()
-            s += ct.user + ct.system
-        except psutil.Error:
-            pass
-    return s
-
-
-class LoadProbe:
-    """Wall time of a block and the cores other processes kept busy meanwhile."""
-
-    def __enter__(self):
-        self.t0, self.busy0, self.own0 = time.perf_counter(), _busy_cpu_s(), _own_cpu_s()
-        return self
-
-    def __exit__(self, *exc):
-        self.wall = time.perf_counter() - self.t0
-        foreign = (_busy_cpu_s() - self.busy0) - (_own_cpu_s() - self.own0)
-        self.other = max(0.0, foreign) / max(self.wall, 1e-9)
-        self.loadavg = os.getloadavg()[0]
-        return False
 
 
 def measured(fn, args, what: str) -> dict:

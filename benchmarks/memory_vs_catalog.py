@@ -22,33 +22,16 @@ needs about 3.5 GB of free RAM at 10M items::
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import socket
 import time
 import traceback
 from pathlib import Path
 
+from _common import machine_info, collect_results  # benchmarks/_common.py (the script's folder is on sys.path)
+
 MIB = 2**20
-
-
-def machine_info() -> dict:
-    import torch
-    cpu, flags = "?", set()
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name") and cpu == "?":
-                cpu = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    with open("/proc/meminfo") as f:
-        mem_kib = int(next(line for line in f if line.startswith("MemTotal")).split()[1])
-    return {"cpu": cpu, "cpu_flags": sorted(flags & {"avx", "avx2", "fma", "avx512f", "avx512_bf16"}),
-            "cores": os.cpu_count(), "mem_gib": round(mem_kib / 2**20, 1), "torch": torch.__version__,
-            "python": platform.python_version(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "loadavg_at_start": os.getloadavg()}
 
 
 def proc_status() -> dict:
@@ -148,33 +131,7 @@ def run_config(num_rows: int, dim: int, world: int, lookups: int, env: dict | No
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    results, errors = {}, []
-    deadline = time.monotonic() + timeout_s
-    try:
-        while len(results) < world and not errors:
-            try:
-                rank, status, value = queue.get(timeout=5)
-            except Exception:  # queue.Empty: check that every rank still lives
-                dead = [r for r, p in enumerate(procs) if r not in results and p.exitcode is not None]
-                if dead:
-                    errors.append(f"rank(s) {dead} exited without a result (exit codes "
-                                  f"{[procs[r].exitcode for r in dead]})")
-                elif time.monotonic() > deadline:
-                    errors.append(f"timed out after {timeout_s} s")
-                continue
-            if status != "ok":
-                errors.append(f"rank {rank}:\n{value}")
-            else:
-                results[rank] = value
-    finally:
-        for p in procs:
-            p.join(timeout=60 if not errors else 1)
-            if p.is_alive():
-                p.kill()
-                p.join()
-    if errors:
-        raise RuntimeError("\n".join(errors))
-    return [results[r] for r in range(world)]
+    return collect_results(procs, queue, world, timeout_s)
 
 
 # --------------------------------------------------------------------------- main

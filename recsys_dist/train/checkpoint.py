@@ -197,12 +197,6 @@ class TrainState:
     data_position: dict | None = None  # this rank's reader position (ShardReader.data_position)
 
 
-@dataclass
-class LoadedCheckpoint:
-    url: str
-    meta: dict
-
-
 class CheckpointManager:
     """Saves and restores a job's full state under one URL (see the module docstring)."""
 
