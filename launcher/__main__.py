@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "write runs/compare/compare.md: full-catalog test HR/NDCG@10/20/50 "
                                    "of the validation-selected state, train time, eval time per 1k users.")
     p.add_argument("--datasets", nargs="+", default=["zhihu", "beauty"])
-    p.add_argument("--models", nargs="+", default=["sasrec", "gru4rec", "diffurec", "dreamrec", "areal", "dimerec"])
+    p.add_argument("--models", nargs="+",
+                   default=["sasrec", "gru4rec", "diffurec", "dreamrec", "dreamrec-gce", "areal", "areal-gce", "dimerec"])
     p.add_argument("--nproc-per-node", type=int, default=2)
     p.add_argument("--reuse", action="store_true", help="reuse runs/<name>/metrics.json when present")
     p.add_argument("--readme", action="store_true", help="also replace the table between the README's compare markers")

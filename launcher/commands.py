@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from recsys_dist.config import REPO_ROOT, load_config
+from recsys_dist.config import REPO_ROOT, config_from_dict, load_config
 
 METRIC_COLUMNS = ["HR@5", "HR@10", "HR@20", "HR@50", "NDCG@5", "NDCG@10", "NDCG@20", "NDCG@50"]
 
@@ -118,6 +118,18 @@ COMPARE_COLUMNS = ["HR@10", "NDCG@10", "HR@20", "NDCG@20", "HR@50", "NDCG@50"]
 README_BEGIN, README_END = "<!-- compare:begin -->", "<!-- compare:end -->"
 
 
+def _same_config(saved: dict | None, cfg) -> bool:
+    """Whether a finished run's stored config is ``cfg``; fields added since it ran count as
+    their defaults (the behaviour the run had)."""
+    if saved is None:
+        return False
+    as_json = lambda c: json.loads(json.dumps(c.to_dict()))  # noqa: E731 -- tuples vs lists
+    try:
+        return as_json(config_from_dict(saved)) == as_json(cfg)
+    except (KeyError, TypeError, ValueError):  # a field since removed or retyped: rerun
+        return False
+
+
 def compare(args) -> int:
     """Train every model on every dataset under one protocol; write one markdown table."""
     rows = []
@@ -127,8 +139,8 @@ def compare(args) -> int:
             config = REPO_ROOT / "configs" / f"{dataset}_{model}.yaml"
             cfg = load_config(config, args.overrides)
             metrics_path = cfg.run_dir() / "metrics.json"
-            reusable = (args.reuse and metrics_path.exists()
-                        and json.loads(metrics_path.read_text()).get("config") == json.loads(json.dumps(cfg.to_dict())))
+            reusable = args.reuse and metrics_path.exists() and _same_config(
+                json.loads(metrics_path.read_text()).get("config"), cfg)
             if not reusable:
                 code = run_job(str(config), args.overrides, args.nproc_per_node)
                 if code != 0:

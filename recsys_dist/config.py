@@ -80,6 +80,7 @@ class ModelConfig:
     guidance_w: float = 2.0  # guidance strength w at sampling: (1 + w) f(c) - w f(null)
     sample_steps: int = 20  # reverse steps at evaluation (DDIM when < diffusion_steps)
     eta: float = 0.0  # DDIM eta (0 = deterministic; 1 with sample_steps = T = DDPM)
+    guidance_ce_weight: float = 0.0  # DreamRec/AREAL: + weight * CE(guidance c) over the catalog (0 = MSE only, the papers')
     num_layers: int = 1  # GRU4Rec layers
     # AREAL (MCRL encoder): Table 3 ablations are these switches
     mcrl_use_cnn: bool = True  # multi-scale CNN branch (local features)

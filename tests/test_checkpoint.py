@@ -278,3 +278,16 @@ def test_checkpoint_on_s3(s3_server):
     import fsspec
     fs = fsspec.filesystem("s3")
     assert fs.exists(f"{s3_server.bucket}/ckpt-test/run/step-00000005/checkpoint.json")
+
+
+def test_only_run_length_eval_and_sampling_fields_may_change():
+    from recsys_dist.config import load_config
+    from recsys_dist.train.checkpoint import config_mismatch
+
+    saved = load_config(None, ["model.name=dreamrec"]).to_dict()
+    resample = load_config(None, ["model.name=dreamrec", "model.guidance_w=6", "model.sample_steps=50",
+                                  "model.eta=1.0", "train.max_steps=900", "eval.batch_size=64"]).to_dict()
+    assert config_mismatch(saved, resample) == []  # re-evaluating with another sampler is allowed
+    retrain = load_config(None, ["model.name=dreamrec", "model.guidance_ce_weight=1.0", "sparse.lr=0.1"]).to_dict()
+    diffs = config_mismatch(saved, retrain)
+    assert len(diffs) == 2 and any("guidance_ce_weight" in d for d in diffs) and any("sparse.lr" in d for d in diffs)

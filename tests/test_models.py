@@ -80,3 +80,21 @@ def test_classifier_free_guidance_mixes_conditional_and_null():
     model.w = 1.5
     guided = model.infer(hist, mask, ev)
     assert not torch.allclose(plain, guided)
+
+
+@pytest.mark.parametrize("name", ["dreamrec", "areal"])
+def test_guidance_ce_is_opt_in_and_adds_the_ce_of_the_guidance(name):
+    plain = _model(name).eval()
+    assert plain.uses_scorer is False  # the papers' MSE-only design by default: no negatives
+    aux = _model(name, guidance_ce_weight=0.5).eval()
+    aux.load_state_dict(plain.state_dict())
+    assert aux.uses_scorer
+    hist, mask, target = _inputs()
+    noise = plain.draw_noise(4, L, torch.Generator().manual_seed(1))
+    noise["uncond"] = torch.tensor([True, False, True, False])  # CE(c) is taken before guidance dropout
+    expected = plain(hist, mask, target, noise, None) + 0.5 * _scorer(plain.guidance(hist, mask))
+    assert torch.allclose(aux(hist, mask, target, noise, _scorer), expected, atol=1e-6)
+    ev = plain.draw_eval_noise(4, L, torch.Generator().manual_seed(2))
+    assert torch.equal(aux.infer(hist, mask, ev), plain.infer(hist, mask, ev))  # sampling unchanged
+    with pytest.raises(ValueError, match="guidance_ce_weight"):
+        _model(name, guidance_ce_weight=-1.0)

@@ -34,7 +34,8 @@ Diffusion (Sec. 3, 4.2), exactly as ``DreamRec`` does it:
 - Objective (Eq. 24): with an x0-parameterised Gaussian reverse process every KL term of the
   VLB is a t-dependent multiple of ||x0_hat - x_0||^2; like DreamRec / DiffuRec we drop the
   weights and train the plain MSE ``mean((x0_hat - e_target)^2)`` with t ~ U{0..T-1}; no
-  negatives, so ``uses_scorer = False``.
+  negatives, so ``uses_scorer = False`` (unless the opt-in guidance CE of ``models/guided.py``
+  is on; off by default).
 - Classifier-free guidance (not in the paper; the project's guided-denoiser convention): with
   probability ``p_uncond`` a sample's h is replaced by a learned null vector (per-sample
   ``torch.where``, so every parameter gets a gradient every step); at sampling
@@ -273,8 +274,9 @@ class AREAL(GuidedDenoiser):
 
     def __init__(self, dim: int, max_len: int, num_blocks: int, dropout: float, emb_dropout: float,
                  steps: int, schedule: str, p_uncond: float, guidance: float, sample_steps: int,
-                 eta: float, use_cnn: bool, use_lstm: bool, local_weight: float) -> None:
-        super().__init__(dim, steps, schedule, p_uncond, guidance, sample_steps, eta)
+                 eta: float, use_cnn: bool, use_lstm: bool, local_weight: float,
+                 guidance_ce_weight: float = 0.0) -> None:
+        super().__init__(dim, steps, schedule, p_uncond, guidance, sample_steps, eta, guidance_ce_weight)
         self.max_len = max_len
         self.drop = nn.Dropout(emb_dropout)
         self.encoder = MCRLEncoder(dim, num_blocks, dropout, use_cnn, use_lstm, local_weight)

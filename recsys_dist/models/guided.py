@@ -8,6 +8,12 @@ A subclass builds its encoder and implements ``guidance(hist, mask) -> c`` (B, d
   receives a gradient every step, whatever the dropout draw).
 - Sampling: x0_guided = (1 + w) f(x_t, t, c) - w f(x_t, t, null), DDIM with ``sample_steps``
   steps (DDPM ancestral when sample_steps = T and eta = 1).
+- Optional guidance CE (``guidance_ce_weight`` > 0; 0, the papers' MSE-only design, by
+  default): loss = MSE + weight * CE(c), the softmax CE of the target over the catalog with the
+  guidance c as the query (the job's scorer: full CE or sampled softmax). It is DimeRec's L_gem
+  (its Eq. 19) for one guidance vector: the encoder learns from the target directly instead of
+  only through the denoiser. The denoiser and the generation stay MSE-only. Why: README,
+  "DreamRec and AREAL at CPU budgets".
 """
 
 from __future__ import annotations
@@ -21,12 +27,14 @@ from recsys_dist.models.base import SequenceRecommender
 
 
 class GuidedDenoiser(SequenceRecommender):
-    uses_scorer = False  # MSE to the target embedding, no negatives
-
     def __init__(self, dim: int, steps: int, schedule: str, p_uncond: float, guidance: float,
-                 sample_steps: int, eta: float) -> None:
+                 sample_steps: int, eta: float, guidance_ce_weight: float = 0.0) -> None:
         super().__init__()
+        if guidance_ce_weight < 0:
+            raise ValueError(f"guidance_ce_weight must be >= 0, got {guidance_ce_weight}")
         self.dim, self.p_uncond, self.w = dim, p_uncond, guidance
+        self.guidance_ce_weight = guidance_ce_weight
+        self.uses_scorer = guidance_ce_weight > 0  # MSE only: no negatives, no candidate rows looked up
         self.sample_steps, self.eta = sample_steps, eta
         self.diffusion = GaussianDiffusion(NoiseSchedule.named(schedule, steps))
         self.null = nn.Parameter(torch.zeros(dim))
@@ -53,9 +61,10 @@ class GuidedDenoiser(SequenceRecommender):
 
     def forward(self, hist, mask, target, noise, scorer=None):
         c = self.guidance(hist, mask)
+        aux = self.guidance_ce_weight * scorer(c) if self.guidance_ce_weight > 0 else 0.0
         c = torch.where(noise["uncond"][:, None], self.null.to(c.dtype).expand_as(c), c)
         x_t = self.diffusion.q_sample(target, noise["t"], noise["eps"].to(target.dtype))
-        return (self.denoise(x_t, noise["t"], c) - target).pow(2).mean()
+        return (self.denoise(x_t, noise["t"], c) - target).pow(2).mean() + aux
 
     @torch.no_grad()
     def infer(self, hist, mask, noise):
