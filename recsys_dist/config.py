@@ -81,6 +81,7 @@ class ModelConfig:
     sample_steps: int = 20  # reverse steps at evaluation (DDIM when < diffusion_steps)
     eta: float = 0.0  # DDIM eta (0 = deterministic; 1 with sample_steps = T = DDPM)
     guidance_ce_weight: float = 0.0  # DreamRec/AREAL: + weight * CE(guidance c) over the catalog (0 = MSE only, the papers')
+    rank_by: str = "generated"  # DreamRec/AREAL at eval: generated (x0 from reverse diffusion) | guidance (c; ablation)
     num_layers: int = 1  # GRU4Rec layers
     # AREAL (MCRL encoder): Table 3 ablations are these switches
     mcrl_use_cnn: bool = True  # multi-scale CNN branch (local features)

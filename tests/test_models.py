@@ -98,3 +98,17 @@ def test_guidance_ce_is_opt_in_and_adds_the_ce_of_the_guidance(name):
     assert torch.equal(aux.infer(hist, mask, ev), plain.infer(hist, mask, ev))  # sampling unchanged
     with pytest.raises(ValueError, match="guidance_ce_weight"):
         _model(name, guidance_ce_weight=-1.0)
+
+
+@pytest.mark.parametrize("name", ["dreamrec", "areal"])
+def test_rank_by_guidance_returns_the_guidance(name):
+    generated = _model(name).eval()
+    ablation = _model(name, rank_by="guidance").eval()
+    ablation.load_state_dict(generated.state_dict())
+    hist, mask, _ = _inputs()
+    ev = generated.draw_eval_noise(4, L, torch.Generator().manual_seed(2))
+    c = generated.guidance(hist, mask)
+    assert torch.equal(ablation.infer(hist, mask, ev), c)
+    assert not torch.allclose(generated.infer(hist, mask, ev), c)
+    with pytest.raises(ValueError, match="rank_by"):
+        _model(name, rank_by="x0")

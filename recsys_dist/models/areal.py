@@ -275,8 +275,9 @@ class AREAL(GuidedDenoiser):
     def __init__(self, dim: int, max_len: int, num_blocks: int, dropout: float, emb_dropout: float,
                  steps: int, schedule: str, p_uncond: float, guidance: float, sample_steps: int,
                  eta: float, use_cnn: bool, use_lstm: bool, local_weight: float,
-                 guidance_ce_weight: float = 0.0) -> None:
-        super().__init__(dim, steps, schedule, p_uncond, guidance, sample_steps, eta, guidance_ce_weight)
+                 guidance_ce_weight: float = 0.0, rank_by: str = "generated") -> None:
+        super().__init__(dim, steps, schedule, p_uncond, guidance, sample_steps, eta, guidance_ce_weight,
+                         rank_by)
         self.max_len = max_len
         self.drop = nn.Dropout(emb_dropout)
         self.encoder = MCRLEncoder(dim, num_blocks, dropout, use_cnn, use_lstm, local_weight)

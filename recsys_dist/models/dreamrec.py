@@ -21,8 +21,8 @@ class DreamRec(GuidedDenoiser):
 
     def __init__(self, dim: int, max_len: int, num_blocks: int, num_heads: int, dropout: float,
                  emb_dropout: float, steps: int, schedule: str, p_uncond: float, guidance: float,
-                 sample_steps: int, eta: float, guidance_ce_weight: float = 0.0) -> None:
-        super().__init__(dim, steps, schedule, p_uncond, guidance, sample_steps, eta, guidance_ce_weight)
+                 sample_steps: int, eta: float, guidance_ce_weight: float = 0.0, rank_by: str = "generated") -> None:
+        super().__init__(dim, steps, schedule, p_uncond, guidance, sample_steps, eta, guidance_ce_weight, rank_by)
         self.pos = nn.Embedding(max_len, dim)
         nn.init.normal_(self.pos.weight, std=0.02)
         self.drop = nn.Dropout(emb_dropout)

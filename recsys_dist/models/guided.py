@@ -14,6 +14,8 @@ A subclass builds its encoder and implements ``guidance(hist, mask) -> c`` (B, d
   (its Eq. 19) for one guidance vector: the encoder learns from the target directly instead of
   only through the denoiser. The denoiser and the generation stay MSE-only. Why: README,
   "DreamRec and AREAL at CPU budgets".
+- ``rank_by = "guidance"`` (an evaluation-time ablation) returns c itself instead of the
+  generated x0: what the reverse diffusion adds over its own guidance.
 """
 
 from __future__ import annotations
@@ -28,10 +30,14 @@ from recsys_dist.models.base import SequenceRecommender
 
 class GuidedDenoiser(SequenceRecommender):
     def __init__(self, dim: int, steps: int, schedule: str, p_uncond: float, guidance: float,
-                 sample_steps: int, eta: float, guidance_ce_weight: float = 0.0) -> None:
+                 sample_steps: int, eta: float, guidance_ce_weight: float = 0.0,
+                 rank_by: str = "generated") -> None:
         super().__init__()
         if guidance_ce_weight < 0:
             raise ValueError(f"guidance_ce_weight must be >= 0, got {guidance_ce_weight}")
+        if rank_by not in ("generated", "guidance"):
+            raise ValueError(f"rank_by must be 'generated' or 'guidance', got '{rank_by}'")
+        self.rank_by = rank_by
         self.dim, self.p_uncond, self.w = dim, p_uncond, guidance
         self.guidance_ce_weight = guidance_ce_weight
         self.uses_scorer = guidance_ce_weight > 0  # MSE only: no negatives, no candidate rows looked up
@@ -69,6 +75,8 @@ class GuidedDenoiser(SequenceRecommender):
     @torch.no_grad()
     def infer(self, hist, mask, noise):
         c = self.guidance(hist, mask)
+        if self.rank_by == "guidance":
+            return c
         null = self.null.to(c.dtype).expand_as(c)
 
         def guided(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -157,7 +157,7 @@ def _agree(error: str | None) -> None:
 MAY_CHANGE = ("name", "output_dir", "train.batch_size", "train.max_steps", "train.eval_every", "train.log_every",
               "train.device", "train.collective_timeout_s", "data.num_workers", "data.shards_url",
               "data.data_dir", "data.build_if_missing", "eval.", "checkpoint.",
-              "model.guidance_w", "model.sample_steps", "model.eta")  # sampling only: re-evaluate a checkpoint
+              "model.guidance_w", "model.sample_steps", "model.eta", "model.rank_by")  # sampling only
 
 
 def _leaves(d: dict, prefix: str = "") -> dict[str, Any]:
