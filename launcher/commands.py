@@ -123,11 +123,11 @@ def _same_config(saved: dict | None, cfg) -> bool:
     their defaults (the behaviour the run had)."""
     if saved is None:
         return False
-    as_json = lambda c: json.loads(json.dumps(c.to_dict()))  # noqa: E731 -- tuples vs lists
     try:
-        return as_json(config_from_dict(saved)) == as_json(cfg)
+        stored = config_from_dict(saved).to_dict()
     except (KeyError, TypeError, ValueError):  # a field since removed or retyped: rerun
         return False
+    return json.loads(json.dumps(stored)) == json.loads(json.dumps(cfg.to_dict()))  # tuples vs lists
 
 
 def compare(args) -> int:

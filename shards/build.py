@@ -360,7 +360,13 @@ def _write_all(
     }
     _write_bytes_atomic(fs, manifest_path, json.dumps(manifest, indent=1).encode("utf-8"))
 
-    # remove shards of an earlier build that the new manifest does not reference
+    remove_stale_shards(fs, root, splits)
+    return manifest
+
+
+def remove_stale_shards(fs: Any, root: str, splits: Dict[str, Any]) -> None:
+    """Delete shards (and shard tmp files) of an earlier build that the new manifest's
+    ``splits`` do not reference."""
     keep = {sh["name"] for s in splits.values() for sh in s["shards"]}
     try:
         for p in fs.ls(root, detail=False):
@@ -371,7 +377,6 @@ def _write_all(
                 fs.rm(p)
     except (FileNotFoundError, NotImplementedError):  # pragma: no cover - exotic filesystems
         pass
-    return manifest
 
 
 def build_shards(

@@ -96,7 +96,7 @@ import numpy as np
 from tqdm.auto import tqdm
 from webdataset import TarWriter
 
-from .build import _HashingWriter, _replace, _up_to_date, _write_bytes_atomic, split_samples
+from .build import _HashingWriter, _replace, _up_to_date, _write_bytes_atomic, remove_stale_shards, split_samples
 from .schema import (
     FORMAT,
     HISTORY,
@@ -109,7 +109,6 @@ from .schema import (
     TARGET,
     USER,
     encode_sample,
-    is_shard_name,
     make_key,
     shard_name,
 )
@@ -636,23 +635,10 @@ def synth_shards(
         "build": build,
     }
     _write_bytes_atomic(fs, manifest_path, json.dumps(manifest, indent=1).encode("utf-8"))
-    _remove_stale_shards(fs, root, splits)
+    remove_stale_shards(fs, root, splits)
     nbytes = sum(sh["bytes"] for s in splits.values() for sh in s["shards"])
     log.info("synthetic: %d users, %d interactions, %s samples, %.1f MiB in %d shards, %.1f s",
              cfg.num_users, interactions, {s: splits[s]["num_samples"] for s in SPLITS}, nbytes / 2**20,
              sum(len(s["shards"]) for s in splits.values()), time.time() - t0)
     return manifest
 
-
-def _remove_stale_shards(fs: Any, root: str, splits: Dict[str, Any]) -> None:
-    """Delete shards (and shard tmp files) of an earlier build that the new manifest does not reference."""
-    keep = {sh["name"] for s in splits.values() for sh in s["shards"]}
-    try:
-        for p in fs.ls(root, detail=False):
-            base = posixpath.basename(p.rstrip("/"))
-            if (is_shard_name(base) and base not in keep) or (
-                base.endswith(".tmp") and is_shard_name(base[: -len(".tmp")])
-            ):
-                fs.rm(p)
-    except (FileNotFoundError, NotImplementedError):  # pragma: no cover - exotic filesystems
-        pass
