@@ -28,3 +28,20 @@ def test_overrides_and_bases(tmp_path):
         load_config(None, ["train.nope=1"])
     with pytest.raises(ValueError, match="key.sub=value"):
         parse_overrides(["oops"])
+
+
+def test_compare_reuses_a_run_only_when_its_config_is_the_same():
+    import json
+
+    from launcher.commands import _same_config
+    from recsys_dist.config import load_config
+
+    cfg = load_config(None, ["model.name=dreamrec", "train.max_steps=50"])
+    stored = json.loads(json.dumps(cfg.to_dict()))
+    assert _same_config(stored, cfg)
+    del stored["model"]["guidance_ce_weight"]  # a run from before the field existed: its default applies
+    assert _same_config(stored, cfg)
+    assert not _same_config(stored, load_config(None, ["model.name=dreamrec", "train.max_steps=60"]))
+    assert not _same_config(stored, load_config(None, ["model.name=dreamrec", "train.max_steps=50",
+                                                       "model.guidance_ce_weight=1.0"]))
+    assert not _same_config({"model": {"retired_field": 1}}, cfg) and not _same_config(None, cfg)
