@@ -126,6 +126,7 @@ from .storage import (
     RetriesExhausted,
     open_retrying,
 )
+from .tarstream import TarStream
 
 log = logging.getLogger(__name__)
 
@@ -763,10 +764,10 @@ class ShardReader(IterableDataset):
         last = "<start of archive>"
         try:
             try:
-                tf = tarfile.open(fileobj=fobj, mode="r|*")
-                for ti in tf:
+                ts = TarStream(fobj)
+                for ti in ts:
                     last = ti.name
-                    if not ti.isfile():
+                    if not ti.isfile:
                         raise ShardError(f"{url}: unexpected non-file tar entry {ti.name!r}", url=url, member=ti.name)
                     mt = _KEY_RE.match(ti.name)
                     if mt is None:
@@ -781,8 +782,7 @@ class ShardReader(IterableDataset):
                     if ext in members:
                         raise ShardError(f"{url}: sample {k!r} has member {ti.name!r} twice", url=url, key=k, member=ext)
                     if keep:
-                        fx = tf.extractfile(ti)
-                        members[ext] = fx.read() if fx is not None else b""
+                        members[ext] = ts.read(ti)
                     else:
                         members[ext] = b""
             except RetriesExhausted as e:

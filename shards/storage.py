@@ -5,8 +5,8 @@ resets, broken pipes, truncated HTTP bodies and timeouts: on a *transient*
 error (see :func:`is_transient`) during the open **or** during a read it closes
 the underlying file, waits (exponential backoff with jitter), reopens the URL,
 seeks to the byte offset it had reached and continues. The caller sees one
-contiguous byte stream, so a streaming consumer (``tarfile`` in ``"r|*"``
-mode, gzip) is unaware of the reopen. A warning names the URL, the offset and
+contiguous byte stream, so a streaming consumer (:class:`shards.tarstream.TarStream`,
+gzip) is unaware of the reopen. A warning names the URL, the offset and
 the attempt. After ``attempts`` consecutive failures without progress it
 raises :class:`RetriesExhausted` (an ``OSError`` naming the URL and offset,
 chained to the last error). A missing object (``FileNotFoundError``) or a
