@@ -1,10 +1,13 @@
-"""Training and full-catalog evaluation throughput at the official DiffuRec configuration.
+"""Training and full-catalog evaluation throughput, each model at its official code's configuration.
 
 Run on 2 ranks (what the README reports):
 
     torchrun --standalone --nproc-per-node 2 benchmarks/train_eval_throughput.py
 
-Each model is timed in the same job on the same ML-1M shards: training samples/s over
+Each model is timed in the same job (DiffuRec and SASRec on ML-1M at the official DiffuRec
+configuration: d 128, 4 blocks x 4 heads, max_len 50, global batch 512, T 32; DreamRec on Zhihu
+at the official DreamRec configuration: d 64, global batch 256, T 1000 linear, 20 DDIM steps
+with classifier-free guidance at eval, = ``configs/zhihu_dreamrec.yaml``): training samples/s over
 ``--steps`` steps (after ``--warmup``), and evaluation users/s for reverse diffusion + exact
 full-catalog ranking over ``--eval-users`` test users. The official code's figures on the same
 kind of machine (``../shared/reference.md``) are printed side by side; they cannot be re-run
@@ -15,26 +18,40 @@ and saves ``benchmarks/out/train_eval_throughput.{md,png}``.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from itertools import islice
 from pathlib import Path
 
 import torch
 
-# the official figures (../shared/reference.md), 2 cores, torch 2.13 CPU, 2 threads
+# the official figures (../shared/reference.md), 2 cores, torch 2.13 CPU, 2 threads, and the
+# configuration each was measured at (config file + overrides, global batch)
+OFFICIAL_DIFFUREC = ["model.dim=128", "model.num_blocks=4", "model.num_heads=4"]
 REFERENCE = {
-    "diffurec": {"label": "official DiffuRec @ f6f70c9", "train": 112.0, "eval": 17.7},
-    "sasrec": {"label": "RecBole 1.2.1 SASRec (max_len 200, d 64, 2 blocks)", "train": 124.0, "eval": 910.0},
+    "diffurec": {"label": "official DiffuRec @ f6f70c9", "train": 112.0, "eval": 17.7,
+                 "config": "configs/ml1m_diffurec.yaml", "overrides": OFFICIAL_DIFFUREC, "global_batch": 512,
+                 "setting": "ML-1M, d 128, 4x4 blocks, max_len 50, T 32"},
+    "sasrec": {"label": "RecBole 1.2.1 SASRec (max_len 200, d 64, 2 blocks)", "train": 124.0, "eval": 910.0,
+               "config": "configs/ml1m_sasrec.yaml", "overrides": OFFICIAL_DIFFUREC, "global_batch": 512,
+               "setting": "ML-1M, d 128, 4x4 blocks, max_len 50"},
+    # eval: reference.md gives ~3,700-4,000 users/s; the lower end is quoted
+    "dreamrec": {"label": "official DreamRec @ f77206d", "train": 3717.0, "eval": 3700.0,
+                 "config": "configs/zhihu_dreamrec.yaml", "overrides": [], "global_batch": 256,
+                 "setting": "Zhihu, d 64, T 1000, 20 DDIM steps x 2 (CFG)",
+                 "steps": 200, "eval_users": 8192},  # ~0.03 s a step: more steps, every test row
 }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["diffurec", "sasrec"])
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--models", nargs="+", default=list(REFERENCE), choices=list(REFERENCE))
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 20; DreamRec 200)")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--global-batch", type=int, default=512, help="reference: 512")
-    parser.add_argument("--eval-users", type=int, default=1024)
+    parser.add_argument("--global-batch", type=int, default=None,
+                        help="samples per step over all ranks (default: each model's official batch, 512 or 256)")
+    parser.add_argument("--eval-users", type=int, default=None,
+                        help="test users timed (default: 1024; DreamRec every Zhihu test row)")
     parser.add_argument("overrides", nargs="*", help="config overrides for every model")
     args = parser.parse_args()
 
@@ -53,43 +70,43 @@ def main() -> None:
     setup_logging(rank)
     rows = []
     for name in args.models:
-        # the official DiffuRec ML-1M configuration: d 128, 4 blocks x 4 heads, max_len 50, T 32
-        cfg = load_config(f"configs/ml1m_{name}.yaml", ["model.dim=128", "model.num_blocks=4", "model.num_heads=4",
-                                                       f"train.batch_size={args.global_batch // world}",
-                                                       *args.overrides])
+        ref = REFERENCE[name]
+        global_batch = args.global_batch or ref["global_batch"]
+        steps, eval_users = args.steps or ref.get("steps", 20), args.eval_users or ref.get("eval_users", 1024)
+        cfg = load_config(ref["config"], [*ref["overrides"], f"train.batch_size={global_batch // world}",
+                                          *args.overrides])
         seed_everything(0)
         manifest = ensure_shards(cfg, rank)
         table = ShardedItemTable.create(int(manifest["num_items"]) + 1, cfg.model.dim, cfg.sparse, device,
                                         cfg.train.batch_size, 0)
         engine = build_engine(build_model(cfg.model, cfg.data.max_len), cfg.train, device)
         loader, _ = make_loader(cfg, manifest, "train", rank, world, True, cfg.train.batch_size)
-        batches = list(islice(iter(loader), args.warmup + args.steps))
+        batches = list(islice(iter(loader), args.warmup + steps))
         for step, b in enumerate(batches):
             if step == args.warmup:
                 torch.distributed.barrier()
                 t0 = time.perf_counter()
             train_step(engine, table, b["history"].to(device), b["target"].to(device), step, 0)
         torch.distributed.barrier()
-        train_sps = args.steps * args.global_batch / (time.perf_counter() - t0)
+        train_sps = steps * global_batch / (time.perf_counter() - t0)
         cfg.eval.batch_size = 256
         test, _ = make_loader(cfg, manifest, "test", rank, world, False, cfg.eval.batch_size)
-        users = ({k: v[b["user"] < args.eval_users] for k, v in b.items()} for b in test)
+        users = ({k: v[b["user"] < eval_users] for k, v in b.items()} for b in test)
         torch.distributed.barrier()
         t0 = time.perf_counter()
         metrics = evaluate_model(engine.module, table, users, cfg.eval, cfg.data.max_len)
         eval_ups = metrics["num_users"] / (time.perf_counter() - t0)
-        ref = REFERENCE[name]
-        rows.append((name, train_sps, eval_ups, ref))
+        rows.append((name, train_sps, eval_ups, ref, global_batch, steps, metrics["num_users"]))
         del engine, table
     if rank == 0:
-        lines = [f"2 CPU cores, {world} ranks x 1 thread, torch {torch.__version__}; d 128, 4 blocks x 4 heads, "
-                 f"max_len 50, global batch {args.global_batch}, DiffuRec T = 32 reverse steps",
-                 "", "| model | recsys-dist train seq/s | reference train seq/s | speed-up | "
+        lines = [f"{os.cpu_count()} CPU cores, {world} ranks x 1 thread, torch {torch.__version__}; "
+                 f"timed steps after {args.warmup} warm-up steps",
+                 "", "| model | setting | global batch | timed steps | test users | recsys-dist train seq/s | reference train seq/s | speed-up | "
                  "recsys-dist eval users/s | reference eval users/s | speed-up | reference |",
-                 "|---|---:|---:|---:|---:|---:|---:|---|"]
-        for name, tr, ev, ref in rows:
-            lines.append(f"| {name} | {tr:.0f} | {ref['train']:.0f} | {tr / ref['train']:.1f}x | {ev:.0f} | "
-                         f"{ref['eval']:.0f} | {ev / ref['eval']:.1f}x | {ref['label']} |")
+                 "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for name, tr, ev, ref, gb, st, nu in rows:
+            lines.append(f"| {name} | {ref['setting']} | {gb} | {st} | {nu} | {tr:.0f} | {ref['train']:.0f} | {tr / ref['train']:.1f}x | "
+                         f"{ev:.0f} | {ref['eval']:.0f} | {ev / ref['eval']:.1f}x | {ref['label']} |")
         text = "\n".join(lines)
         print(text)
         out = Path("benchmarks/out")
