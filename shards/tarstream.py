@@ -9,8 +9,9 @@ caller asks for (other members' data is skipped without copying).
 
 What it accepts -- what :mod:`tarfile` and webdataset's writers produce: ustar/GNU/pax
 headers (checksum verified), GNU long names (``L``), pax ``path`` / ``size`` records
-(``x``; global ``g`` headers are skipped), base-256 sizes, gzip (also concatenated members)
-or no compression (detected from the first bytes). Corrupt or truncated input raises
+(``x``; global ``g`` headers and GNU long link names ``K`` are skipped), base-256 sizes,
+gzip (also concatenated members) or no compression (detected from the first bytes; bzip2 and
+xz, which the shard builder never writes, are not read). Corrupt or truncated input raises
 :class:`TarFormatError` (a :class:`tarfile.ReadError`) or :class:`EOFError`; a clean end of
 data at a header boundary ends the archive, as :mod:`tarfile` does, so callers check sample
 counts themselves (the shard reader checks them against the manifest).
@@ -56,12 +57,21 @@ class _Bytes:
     def __init__(self, fobj: BinaryIO, chunk: int) -> None:
         self._f, self._chunk = fobj, chunk
         self._buf, self._pos = b"", 0
-        first = fobj.read(chunk)
+        first = self._at_least(b"", 2)  # reads may be short: decide on two bytes, not on one
         self._z: Optional["zlib._Decompress"] = None
         self._pending = first  # raw bytes not yet decompressed
         if first[:2] == _GZIP_MAGIC:
             self._z = zlib.decompressobj(16 + zlib.MAX_WBITS)
         self.offset = 0  # decompressed bytes consumed
+
+    def _at_least(self, raw: bytes, n: int) -> bytes:
+        """``raw`` extended by reads until it holds ``n`` bytes or the data ends."""
+        while len(raw) < n:
+            more = self._f.read(self._chunk)
+            if not more:
+                break
+            raw += more
+        return raw
 
     def _more(self) -> Optional[bytes]:
         """The next decompressed bytes, or None at the end of the data."""
@@ -70,14 +80,12 @@ class _Bytes:
             self._pending = b""
             if self._z is None:
                 return raw or None
-            if not raw:
-                if self._z.unconsumed_tail:
-                    raw = self._z.unconsumed_tail
-                elif not self._z.eof:
+            if not raw:  # (an unconsumed tail is always in _pending, so the input is used up)
+                if not self._z.eof:
                     raise EOFError("compressed data ended before the end of the gzip stream (truncated .gz)")
-                else:
-                    return None
+                return None
             if self._z.eof:  # a finished gzip member followed by more bytes: the next member
+                raw = self._at_least(raw, 2)
                 if raw[:2] != _GZIP_MAGIC:
                     return None  # trailing bytes after the last member are ignored, as gzip does
                 self._z = zlib.decompressobj(16 + zlib.MAX_WBITS)
@@ -88,6 +96,8 @@ class _Bytes:
 
     def read(self, n: int) -> bytes:
         """Exactly ``n`` bytes; ``EOFError`` if the data ends first."""
+        if n < 0:
+            raise ValueError(f"cannot read {n} bytes")
         end = self._pos + n
         if end <= len(self._buf):
             out = self._buf[self._pos:end]
@@ -116,6 +126,8 @@ class _Bytes:
 
     def skip(self, n: int) -> None:
         """Drop ``n`` bytes without copying them; ``EOFError`` if the data ends first."""
+        if n < 0:
+            raise ValueError(f"cannot skip {n} bytes")
         self.offset += n
         while n > 0:
             avail = len(self._buf) - self._pos
@@ -190,15 +202,19 @@ class TarStream:
             offset = self._bytes.offset
             header = self._bytes.read_block_or_eof()
             if not header or header == _ZERO_BLOCK:
+                if long_name is not None or pax:
+                    raise TarFormatError(f"archive ends at offset {offset} right after a long-name or pax header")
                 return  # end of archive (a bare end of data counts, as in tarfile)
             stored = _number(header[148:156], "checksum", offset)
             unsigned = sum(header) - sum(header[148:156]) + 8 * 32
             if stored != unsigned and stored != _signed_checksum(header):
                 raise TarFormatError(f"bad header checksum at offset {offset} (stored {stored}, computed {unsigned})")
             size = _number(header[124:136], "size", offset)
+            if size < 0:
+                raise TarFormatError(f"negative member size {size} in the header at offset {offset}")
             kind = header[156:157]
             padded = -(-size // BLOCK) * BLOCK
-            if kind in (b"L", b"x", b"X", b"g"):
+            if kind in (b"L", b"K", b"x", b"X", b"g"):  # meta headers: their data describes the next member
                 data = self._bytes.read(size)
                 self._bytes.skip(padded - size)
                 if kind == b"L":
@@ -217,6 +233,8 @@ class TarStream:
                     size = int(pax["size"])
                 except ValueError:
                     raise TarFormatError(f"invalid pax size {pax['size']!r} at offset {offset}") from None
+                if size < 0:
+                    raise TarFormatError(f"negative pax size {size} at offset {offset}")
                 padded = -(-size // BLOCK) * BLOCK
             long_name, pax = None, {}
             if kind == b"\0" and full.endswith("/"):  # old-style directory, as tarfile reads it

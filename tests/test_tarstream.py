@@ -128,3 +128,62 @@ def test_reading_a_member_twice_or_late_is_refused():
     next(it)
     with pytest.raises(ValueError):
         ts.read(first)
+
+
+class _ShortReads(io.BytesIO):
+    """A file object whose reads return at most ``n`` bytes, as a socket or object store may."""
+
+    def __init__(self, data, n):
+        super().__init__(data)
+        self.n = n
+
+    def read(self, size=-1):
+        return super().read(self.n if size is None or size < 0 else min(size, self.n))
+
+
+@pytest.mark.parametrize("n", [1, 2, 511, 513])
+def test_short_reads(n):
+    raw = _archive(MEMBERS[:20], compress=True)
+    ts = TarStream(_ShortReads(raw, n), chunk=4096)
+    assert [(m.name, ts.read(m)) for m in ts] == MEMBERS[:20]
+
+
+def test_concatenated_gzip_with_the_next_magic_split_across_reads():
+    plain = _archive(MEMBERS[:20])
+    g1, g2 = gzip.compress(plain[:5120], mtime=0), gzip.compress(plain[5120:], mtime=0)
+    assert _with_tarstream(g1 + g2, chunk=len(g1) + 1) == [(n, True, d) for n, d in MEMBERS[:20]]
+
+
+def test_ustar_prefix_names():
+    members = [("a" * 90 + "/" + "b" * 90 + ".user.i32", b"xyz")]
+    raw = _archive(members, tarfile.USTAR_FORMAT)
+    assert _with_tarstream(raw) == _with_tarfile(raw) == [(members[0][0], True, b"xyz")]
+
+
+def _header(name, size_field, kind=b"0"):
+    """A raw 512-byte header with a valid checksum and a given 12-byte size field."""
+    h = bytearray(512)
+    h[0:len(name)] = name
+    h[100:108] = b"0000644\0"
+    h[124:136] = size_field
+    h[136:148] = b"00000000000\0"
+    h[156:157] = kind
+    h[257:263] = b"ustar\0"
+    h[148:156] = b" " * 8
+    h[148:156] = b"%06o\0 " % sum(h)
+    return bytes(h)
+
+
+@pytest.mark.parametrize("kind", [b"0", b"L"])
+def test_negative_size_is_refused(kind):
+    negative = b"\xff" + (2**88 - 512).to_bytes(11, "big")  # base-256: -512
+    raw = _header(b"x.a", negative, kind) + _archive(FIXED)
+    with pytest.raises(TarFormatError, match="negative"):
+        _with_tarstream(raw)
+
+
+def test_long_name_header_at_the_end_is_refused():
+    name = b"n" * 200 + b"\0"
+    raw = _header(b"././@LongLink", b"%011o\0" % len(name), b"L") + name + bytes(-len(name) % 512) + bytes(1024)
+    with pytest.raises(TarFormatError, match="long-name or pax header"):
+        _with_tarstream(raw)
