@@ -291,3 +291,17 @@ def test_only_run_length_eval_and_sampling_fields_may_change():
     retrain = load_config(None, ["model.name=dreamrec", "model.guidance_ce_weight=1.0", "sparse.lr=0.1"]).to_dict()
     diffs = config_mismatch(saved, retrain)
     assert len(diffs) == 2 and any("guidance_ce_weight" in d for d in diffs) and any("sparse.lr" in d for d in diffs)
+
+
+def test_fields_added_since_the_checkpoint_count_as_defaults():
+    from recsys_dist.config import load_config
+    from recsys_dist.train.checkpoint import config_mismatch
+
+    older = load_config(None, ["model.name=dreamrec"]).to_dict()
+    del older["model"]["guidance_ce_weight"], older["model"]["rank_by"]  # written before these existed
+    assert config_mismatch(older, load_config(None, ["model.name=dreamrec"]).to_dict()) == []
+    diffs = config_mismatch(older, load_config(None, ["model.name=dreamrec", "model.guidance_ce_weight=0.5"]).to_dict())
+    assert diffs == ["model.guidance_ce_weight: checkpoint 0.0 != job 0.5"]
+    older["model"]["retired_field"] = 3  # a field since removed: reported, with nothing normalised
+    diffs = config_mismatch(older, load_config(None, ["model.name=dreamrec"]).to_dict())
+    assert any("retired_field" in d for d in diffs) and any("guidance_ce_weight" in d for d in diffs)
