@@ -80,22 +80,20 @@ def build(variant: str, num_items: int, max_len: int, dim: int):
 
 @torch.no_grad()
 def evaluate(model, table: nn.Embedding, hist: torch.Tensor, target: torch.Tensor, k: int = 20) -> tuple[float, float]:
-    """Full-catalog HR@k, NDCG@k in % (ties counted in the target's favour)."""
+    """Full-catalog HR@k, NDCG@k in %, by the project's evaluator (one process, the whole table)."""
+    from recsys_dist.eval import MetricAccumulator, rank_targets
+
     model.eval()
     gen = torch.Generator().manual_seed(123)
-    items = table.weight[1:]
-    hits, ndcg = 0, 0.0
+    acc = MetricAccumulator((k,))
     for i in range(0, len(hist), 1024):
         h, t = hist[i:i + 1024], target[i:i + 1024]
         mask = h > 0
         x0 = model.infer(table(h) * mask[..., None], mask, model.draw_eval_noise(len(h), h.shape[1], gen))
-        scores = x0 @ items.T
-        rank = (scores > scores.gather(1, (t - 1)[:, None])).sum(1)
-        hit = rank < k
-        hits += int(hit.sum())
-        ndcg += float((1 / torch.log2(rank[hit].float() + 2)).sum())
+        acc.update(rank_targets(x0, t, table.weight, 0, table.num_embeddings, ks=(k,)))
     model.train()
-    return 100 * hits / len(hist), 100 * ndcg / len(hist)
+    metrics = acc.compute()
+    return 100 * metrics[f"HR@{k}"], 100 * metrics[f"NDCG@{k}"]
 
 
 def run(variant: str, data, epochs: int, eval_every: int, seed: int, batch: int) -> list[dict]:

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from recsys_dist.config import REPO_ROOT, config_from_dict, load_config
+from recsys_dist.config import REPO_ROOT, load_config, stored_config_as_now
 
 METRIC_COLUMNS = ["HR@5", "HR@10", "HR@20", "HR@50", "NDCG@5", "NDCG@10", "NDCG@20", "NDCG@50"]
 
@@ -121,11 +121,8 @@ README_BEGIN, README_END = "<!-- compare:begin -->", "<!-- compare:end -->"
 def _same_config(saved: dict | None, cfg) -> bool:
     """Whether a finished run's stored config is ``cfg``; fields added since it ran count as
     their defaults (the behaviour the run had)."""
-    if saved is None:
-        return False
-    try:
-        stored = config_from_dict(saved).to_dict()
-    except (KeyError, TypeError, ValueError):  # a field since removed or retyped: rerun
+    stored = None if saved is None else stored_config_as_now(saved)
+    if stored is None:  # no run, or a field since removed or retyped: rerun
         return False
     return json.loads(json.dumps(stored)) == json.loads(json.dumps(cfg.to_dict()))  # tuples vs lists
 

@@ -253,3 +253,13 @@ def config_from_dict(data: dict[str, Any]) -> JobConfig:
     cfg = JobConfig()
     _apply(cfg, data, "")
     return cfg
+
+
+def stored_config_as_now(data: dict[str, Any]) -> dict[str, Any] | None:
+    """A ``to_dict()`` stored by an earlier run, as this version would write it: fields added
+    to ``JobConfig`` since count as their defaults (new fields default to the behaviour from
+    before they existed). None when the stored config has a field since removed or retyped."""
+    try:
+        return config_from_dict(data).to_dict()
+    except (KeyError, TypeError, ValueError):
+        return None

@@ -141,6 +141,11 @@ class _Bytes:
             self._buf, self._pos = more, 0
 
 
+def _padding(size: int) -> int:
+    """Bytes after ``size`` bytes of member data up to the next 512-byte block."""
+    return -size % BLOCK
+
+
 def _number(field: bytes, what: str, offset: int) -> int:
     """A header number: NUL/space-terminated octal, or GNU base-256 (first byte 0x80 / 0xff)."""
     if field[:1] in (b"\x80", b"\xff"):
@@ -213,10 +218,9 @@ class TarStream:
             if size < 0:
                 raise TarFormatError(f"negative member size {size} in the header at offset {offset}")
             kind = header[156:157]
-            padded = -(-size // BLOCK) * BLOCK
             if kind in (b"L", b"K", b"x", b"X", b"g"):  # meta headers: their data describes the next member
                 data = self._bytes.read(size)
-                self._bytes.skip(padded - size)
+                self._bytes.skip(_padding(size))
                 if kind == b"L":
                     long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
                 elif kind in (b"x", b"X"):
@@ -235,7 +239,6 @@ class TarStream:
                     raise TarFormatError(f"invalid pax size {pax['size']!r} at offset {offset}") from None
                 if size < 0:
                     raise TarFormatError(f"negative pax size {size} at offset {offset}")
-                padded = -(-size // BLOCK) * BLOCK
             long_name, pax = None, {}
             if kind == b"\0" and full.endswith("/"):  # old-style directory, as tarfile reads it
                 kind = b"5"
@@ -244,5 +247,5 @@ class TarStream:
             isfile = kind in _FILE_TYPES
             self._current = TarMember(full, size, isfile)
             if kind not in _NO_DATA_TYPES:  # links, devices, directories, fifos carry no data (as in tarfile)
-                self._data_left, self._padding = size, padded - size
+                self._data_left, self._padding = size, _padding(size)
             yield self._current

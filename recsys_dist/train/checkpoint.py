@@ -46,7 +46,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from recsys_dist.config import JobConfig, config_from_dict, stream_seed
+from recsys_dist.config import JobConfig, stored_config_as_now, stream_seed
 
 log = logging.getLogger("recsys_dist.train")
 
@@ -174,15 +174,11 @@ def config_mismatch(saved: dict, current: dict) -> list[str]:
     """Differences outside ``MAY_CHANGE`` between two ``JobConfig.to_dict()`` (empty: compatible).
 
     A field the checkpoint lacks because it was added to ``JobConfig`` after the checkpoint was
-    written counts as its default (new fields default to the behaviour from before they existed),
-    so a checkpoint from an older version resumes unless the job sets such a field otherwise.
-    A field since removed or retyped is compared as stored, and so reported.
+    written counts as its default (``stored_config_as_now``), so a checkpoint from an older
+    version resumes unless the job sets such a field otherwise. A field since removed or
+    retyped is compared as stored, and so reported.
     """
-    try:
-        saved = config_from_dict(saved).to_dict()
-    except (KeyError, TypeError, ValueError):
-        pass
-    a, b = _leaves(saved), _leaves(current)
+    a, b = _leaves(stored_config_as_now(saved) or saved), _leaves(current)
     diffs = []
     for key in sorted(set(a) | set(b)):
         if any(key == m or (m.endswith(".") and key.startswith(m)) for m in MAY_CHANGE):
