@@ -18,10 +18,14 @@ Exactness policy:
   evaluation must produce the same comparisons as the float64 reference. Only the top-k
   *scores* of that case use a tolerance (the same rounding bound), because the reference
   computes them in float64.
-* HR@K means are ratios of integers and compared with ``==``; NDCG@K means are compared with
-  the reference to 1e-12 relative (a sum of 1/log2 terms in a different order), and
-  bit-for-bit across world sizes, which the evaluator guarantees by reducing integer rank
-  histograms.
+* tie counts (candidates scoring exactly the target's score) are compared with ``==`` too;
+* metrics are checked under all three tie rules against the reference's own averaging over the
+  target's possible positions. Optimistic / pessimistic HR@K means are ratios of integers and
+  compared with ``==``; expected-rule HR and every NDCG are compared to 1e-12 relative (sums of
+  fractions in a different order), and bit-for-bit across world sizes, which the evaluator
+  guarantees by reducing integers only;
+* a collapsed model (constant scores, the ``const`` case) must score like a random ranker under
+  the default rule, and a NaN/inf query, row or score raises on every rank.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from recsys_dist.eval import (
+    TIE_RULES,
     MetricAccumulator,
     max_over_ranks,
     popularity_block,
@@ -131,6 +136,14 @@ def make_case(name: str) -> Case:
             _histories(gen, targets, NUM_ROWS), True, ks=(1, 10, 100), topk=15, item_chunk=128,
             counts=counts,
         )
+    if name == "const":  # a collapsed model: every score equal, no masking
+        d = 4
+        items = torch.randn(NUM_ROWS, d, generator=gen)
+        targets = torch.randint(1, NUM_ROWS, (NUM_USERS,), generator=gen)
+        return Case(
+            name, NUM_ROWS, items, torch.zeros(NUM_USERS, d), targets,
+            _histories(gen, targets, NUM_ROWS), False, ks=(1, 10, 100), topk=3, item_chunk=300,
+        )
     if name == "tiny":  # 4 rows: with 3 ranks the last block is empty; topk > #candidates
         items = torch.tensor([[1.0, 1.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
         targets = torch.tensor([1, 2, 3, 3, 1])
@@ -142,7 +155,7 @@ def make_case(name: str) -> Case:
     raise KeyError(name)
 
 
-CASES = ("int_plain", "int_mask", "randn", "pop", "tiny")
+CASES = ("int_plain", "int_mask", "randn", "pop", "const", "tiny")
 
 
 def user_batches(case: Case, world: int, rank: int) -> list[torch.Tensor]:
@@ -173,8 +186,8 @@ def evaluate_case(
     batches = user_batches(case, world, rank)
     n_steps = max_over_ranks(len(batches), group)
     assert n_steps == max(len(s) for s in SPLITS[case.num_users][world])
-    acc = MetricAccumulator(case.ks)
-    users, ranks, tids, tscores, targets_scores = [], [], [], [], []
+    accs = {rule: MetricAccumulator(case.ks, rule) for rule in TIE_RULES}
+    users, ranks, equal, tids, tscores, targets_scores = [], [], [], [], [], []
     batch_users: list[int] = []
     for step in range(n_steps):
         idx = batches[step] if step < len(batches) else torch.zeros(0, dtype=torch.long)
@@ -192,9 +205,11 @@ def evaluate_case(
         assert res.num_local_users == len(idx)
         assert res.ranks.shape == (len(idx),) and res.ranks.dtype == torch.long
         assert res.topk_ids is not None and res.topk_ids.shape == (len(idx), case.topk)
-        acc.update(res)
+        for acc in accs.values():
+            acc.update(res)
         users.append(idx)
         ranks.append(res.ranks)
+        equal.append(res.ties_count)
         tids.append(res.topk_ids)
         tscores.append(res.topk_scores)
         targets_scores.append(res.target_scores)
@@ -202,12 +217,13 @@ def evaluate_case(
     return {
         "users": torch.cat(users),
         "ranks": torch.cat(ranks),
+        "equal": torch.cat(equal),
         "topk_ids": torch.cat(tids),
         "topk_scores": torch.cat(tscores),
         "target_scores": torch.cat(targets_scores),
         "batch_users": batch_users,
-        "local_sums": acc.local_sums(),
-        "final": acc.compute(group),
+        "local_sums": {rule: acc.local_sums() for rule, acc in accs.items()},
+        "final": {rule: acc.compute(group) for rule, acc in accs.items()},
     }
 
 
@@ -240,6 +256,24 @@ def evaluate_all(rank: int, world: int) -> dict[str, Any]:
     # ... and the group is still usable afterwards.
     assert max_over_ranks(rank, None) == world - 1
     out["invalid_input_raised"] = True
+
+    # Non-finite queries on one rank, non-finite rows on another, and finite inputs whose
+    # scores overflow: refused on every rank, never ranked first.
+    q = case.queries[:3].clone()
+    if rank == world - 1:
+        q[1, 0] = float("nan")
+    with pytest.raises(ValueError, match=rf"rank\(s\) \[{world - 1}\].*NaN/inf"):
+        rank_targets(q, case.targets[:3], case.items[lo:hi], lo, case.num_rows)
+    rows = case.items[lo:hi].clone()
+    if rank == 0:
+        rows[3, 1] = float("inf")
+    with pytest.raises(ValueError, match=r"rank\(s\) \[0\]"):
+        rank_targets(case.queries[:3], case.targets[:3], rows, lo, case.num_rows)
+    huge = torch.full((hi - lo, case.items.shape[1]), 1e30)
+    with pytest.raises(ValueError, match="scores are NaN/inf"):
+        rank_targets(torch.full((2, case.items.shape[1]), 1e30), case.targets[:2], huge, lo, case.num_rows)
+    assert max_over_ranks(rank, None) == world - 1
+    out["nonfinite_raised"] = True
     return out
 
 
@@ -292,6 +326,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[int, list[dict[str
 @dataclass
 class Reference:
     ranks: list[int]
+    equal: list[int]
     target_scores: list[float]
     topk_ids: list[list[int]]
     topk_scores: list[list[float]]
@@ -310,7 +345,7 @@ def brute_force(case: Case) -> Reference:
     else:
         scores = case.queries.double() @ case.items.double().T
     bound = None if case.exact_scores else fp32_error_bound(case)
-    ref = Reference([], [], [], [])
+    ref = Reference([], [], [], [], [])
     for u in range(case.num_users):
         t = int(case.targets[u])
         cand = torch.ones(case.num_rows, dtype=torch.bool)
@@ -321,6 +356,7 @@ def brute_force(case: Case) -> Reference:
         row = scores[u].tolist()
         others = [j for j in range(case.num_rows) if cand[j] and j != t]
         ref.ranks.append(sum(1 for j in others if row[j] > row[t]))
+        ref.equal.append(sum(1 for j in others if row[j] == row[t]))
         ref.target_scores.append(row[t])
         order = sorted((j for j in range(case.num_rows) if cand[j]), key=lambda j: (-row[j], j))
         top = order[: case.topk]
@@ -332,6 +368,7 @@ def brute_force(case: Case) -> Reference:
             b = bound[u].tolist()
             for j in others:
                 assert abs(row[j] - row[t]) > b[j] + b[t], f"near-tie user {u} item {j}"
+            assert ref.equal[-1] == 0
             for a, c in zip(order[: case.topk], order[1 : case.topk + 1]):
                 assert abs(row[a] - row[c]) > b[a] + b[c], f"near-tie in top-k of user {u}"
     return ref
@@ -357,13 +394,28 @@ def gather_users(per_rank: list[dict[str, Any]], key: str, field: str) -> dict[i
     return out
 
 
-def reference_metrics(name: str) -> dict[str, float]:
+def target_positions(g: int, e: int, ties: str) -> list[int]:
+    """The 0-based positions the target can take among ``g`` better and ``e`` tied items."""
+    return {"optimistic": [g], "pessimistic": [g + e], "expected": list(range(g, g + e + 1))}[ties]
+
+
+def reference_sums(name: str, ties: str) -> dict[str, float]:
+    """Sums over users of HR@K / NDCG@K: each user's metric averaged over its positions."""
     case, ref = make_case(name), reference(name)
     out: dict[str, float] = {}
     for k in case.ks:
-        out[f"HR@{k}"] = sum(1 for r in ref.ranks if r < k) / case.num_users
-        out[f"NDCG@{k}"] = sum(1 / math.log2(r + 2) for r in ref.ranks if r < k) / case.num_users
+        hr = nd = 0.0
+        for g, e in zip(ref.ranks, ref.equal):
+            pos = target_positions(g, e, ties)
+            hr += sum(1 for r in pos if r < k) / len(pos)
+            nd += sum(1 / math.log2(r + 2) for r in pos if r < k) / len(pos)
+        out[f"HR@{k}"], out[f"NDCG@{k}"] = hr, nd
     return out
+
+
+def reference_metrics(name: str, ties: str) -> dict[str, float]:
+    n = make_case(name).num_users
+    return {key: v / n for key, v in reference_sums(name, ties).items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -386,6 +438,8 @@ def test_ranks_equal_brute_force(results: dict[int, list[dict[str, Any]]], name:
         assert sorted(ranks) == list(range(len(ref.ranks))), f"world {world}: users lost"
         got = [int(ranks[u]) for u in range(len(ref.ranks))]
         assert got == ref.ranks, f"world {world}"
+        equal = gather_users(per_rank, name, "equal")
+        assert [int(equal[u]) for u in range(len(ref.ranks))] == ref.equal, f"world {world}"
         if make_case(name).exact_scores:
             scores = gather_users(per_rank, name, "target_scores")
             assert [float(scores[u]) for u in range(len(ref.ranks))] == ref.target_scores
@@ -442,29 +496,74 @@ def test_popularity_is_count_ranking(results: dict[int, list[dict[str, Any]]]) -
             assert keys == sorted(keys), f"world {world}: top-k not ordered by (count desc, id)"
 
 
+@pytest.mark.parametrize("ties", TIE_RULES)
 @pytest.mark.parametrize("name", CASES)
-def test_every_user_counted_once(results: dict[int, list[dict[str, Any]]], name: str) -> None:
+def test_every_user_counted_once(results: dict[int, list[dict[str, Any]]], name: str, ties: str) -> None:
     case = make_case(name)
-    expected = reference_metrics(name)
+    expected = reference_metrics(name, ties)
+    sums = reference_sums(name, ties)
     finals = []
     for world, per_rank in results.items():
         for res in per_rank:
-            final = res[name]["final"]
+            final = res[name]["final"][ties]
             assert final["num_users"] == case.num_users
             for key, value in expected.items():
-                if key.startswith("HR@"):
+                if key.startswith("HR@") and ties != "expected":  # ratios of integers
                     assert final[key] == value, (world, key)
                 else:
-                    assert math.isclose(final[key], value, rel_tol=1e-12, abs_tol=1e-15)
+                    assert math.isclose(final[key], value, rel_tol=1e-12, abs_tol=1e-15), (world, key)
             finals.append(final)
         # local sums partition the global sums: each user on exactly one rank
-        total_users = sum(res[name]["local_sums"]["num_users"] for res in per_rank)
+        total_users = sum(res[name]["local_sums"][ties]["num_users"] for res in per_rank)
         assert total_users == case.num_users
-        for k in case.ks:
-            hits = sum(res[name]["local_sums"][f"HR@{k}"] for res in per_rank)
-            assert hits == sum(1 for r in reference(name).ranks if r < k)
+        for key, value in sums.items():
+            got = sum(res[name]["local_sums"][ties][key] for res in per_rank)
+            assert math.isclose(got, value, rel_tol=1e-12, abs_tol=1e-15), (world, key)
     # bit-identical whatever the world size and split
     assert all(f == finals[0] for f in finals)
+
+
+def test_collapsed_model_scores_like_random(results: dict[int, list[dict[str, Any]]]) -> None:
+    """Constant scores: every other candidate ties with the target. The default rule gives the
+    random ranker's HR@K = K / (n + 1) with n = num_rows - 2 other candidates; the optimistic
+    rule would call it perfect."""
+    case = make_case("const")
+    n = case.num_rows - 2
+    for world, per_rank in results.items():
+        for res in per_rank:
+            final = res["const"]["final"]
+            for k in case.ks:
+                assert math.isclose(final["expected"][f"HR@{k}"], k / (n + 1), rel_tol=1e-12), (world, k)
+                if k > 1:  # NDCG@1 == HR@1
+                    assert final["expected"][f"NDCG@{k}"] < final["expected"][f"HR@{k}"]
+                assert final["pessimistic"][f"HR@{k}"] == 0.0
+            assert final["optimistic"]["HR@1"] == 1.0
+
+
+def test_expected_rule_equals_average_over_tie_orders() -> None:
+    """Brute force over every order of the tied items of a tiny catalog (one process)."""
+    import itertools
+
+    from recsys_dist.eval import per_user_metrics
+
+    scores = [0.0, 3.0, 1.0, 1.0, 2.0, 1.0, 1.0]  # row 0 = padding; target = item 2 (score 1)
+    items = torch.tensor(scores)[:, None]
+    res = rank_targets(torch.ones(1, 1), torch.tensor([2]), items, 0, len(scores), ks=(1, 2, 3, 4, 6))
+    assert (int(res.ranks[0]), int(res.ties_count[0])) == (2, 3)  # items 1, 4 above; 3, 5, 6 tie
+    tied = [2, 3, 5, 6]
+    hr = {k: 0.0 for k in res.ks}
+    nd = {k: 0.0 for k in res.ks}
+    orders = list(itertools.permutations(tied))
+    for order in orders:
+        pos = 2 + order.index(2)
+        for k in res.ks:
+            hr[k] += (pos < k) / len(orders)
+            nd[k] += (1 / math.log2(pos + 2) if pos < k else 0.0) / len(orders)
+    per_user = per_user_metrics(res.ranks, res.ks, res.ties_count, "expected")
+    for k in res.ks:
+        assert math.isclose(res.metrics[f"HR@{k}"], hr[k], rel_tol=1e-12)
+        assert math.isclose(res.metrics[f"NDCG@{k}"], nd[k], rel_tol=1e-12)
+        assert math.isclose(float(per_user[f"HR@{k}"][0]), hr[k], rel_tol=1e-12)
 
 
 def test_invalid_input_on_one_rank_raises_everywhere(
@@ -472,6 +571,7 @@ def test_invalid_input_on_one_rank_raises_everywhere(
 ) -> None:
     for world in (2, 3):
         assert all(res["invalid_input_raised"] for res in results[world])
+        assert all(res["nonfinite_raised"] for res in results[world])
 
 
 def test_worker_failure_propagates() -> None:

@@ -3,7 +3,7 @@
 * :mod:`~recsys_dist.eval.partition` - which rank owns which item rows (TorchRec row-wise
   sharding layout) and small process-group helpers (:func:`max_over_ranks`).
 * :mod:`~recsys_dist.eval.ranking` - :func:`rank_targets`, the collective that ranks every
-  user's held-out target against the whole catalog (exact integer ranks, optimistic ties,
+  user's held-out target against the whole catalog (exact integer ranks, an explicit tie rule,
   optional top-k lists); also the popularity baseline via ``d = 1``.
 * :mod:`~recsys_dist.eval.metrics` - HR@K / NDCG@K from integer rank histograms and
   :class:`MetricAccumulator`, which all-reduces once at the end of an evaluation.
@@ -12,7 +12,9 @@ Only ``torch`` and ``torch.distributed`` are used; item blocks are plain dense t
 """
 
 from recsys_dist.eval.metrics import (
+    TIE_RULES,
     MetricAccumulator,
+    check_ties,
     metric_names,
     metric_sums_from_histogram,
     metrics_from_histogram,
@@ -30,7 +32,9 @@ from recsys_dist.eval.partition import (
 from recsys_dist.eval.ranking import RankResult, popularity_block, rank_targets
 
 __all__ = [
+    "TIE_RULES",
     "MetricAccumulator",
+    "check_ties",
     "RankResult",
     "block_size",
     "collective_device",

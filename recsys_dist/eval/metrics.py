@@ -1,24 +1,35 @@
 """Ranking metrics for a single relevant item per user, accumulated exactly across ranks.
 
-With one held-out target per user and its 0-based rank ``r`` among the candidates
-(``r = 0`` is the best position):
+With one held-out target per user, let ``g`` be the number of candidates scoring *strictly
+higher* than the target and ``e`` the number scoring *exactly equal* (ties). The target's
+0-based position ``r`` (``r = 0`` is the best) depends on how ties are ordered:
 
-* ``HR@K   = 1[r < K]``
-* ``NDCG@K = 1 / log2(r + 2)`` if ``r < K`` else ``0`` (the ideal DCG of one relevant item is 1)
+* ``"expected"`` (default): the expectation over a uniformly random order of the tied items:
+  ``r`` is uniform on ``g .. g + e``, and HR@K / NDCG@K are averaged *exactly* over those
+  ``e + 1`` positions. A collapsed model (all scores equal) therefore scores like a random
+  ranker (``HR@K = K / (n_candidates + 1)``), never like a perfect one.
+* ``"optimistic"``: ``r = g`` (the target wins every tie; what ``s > target`` counting gives).
+* ``"pessimistic"``: ``r = g + e`` (the target loses every tie).
 
-Both only depend on how many users landed at each rank ``r < max(ks)``. So instead of summing
-floats (whose result depends on summation order, hence on world size and batching), each rank
-keeps an integer histogram ``hist[r] = #{own users with rank r}`` for ``r < max(ks)`` plus its
-user count; those integers are all-reduced (exact) and the means are formed once from the
-global histogram. The final numbers are therefore bit-identical for any world size, any split
-of users between ranks and any batching, and every user counts exactly once (each rank only
-counts its own users).
+Per position: ``HR@K = 1[r < K]``, ``NDCG@K = 1 / log2(r + 2)`` if ``r < K`` else ``0``.
+
+Both only depend on a few integers per user. So instead of summing floats (whose result depends
+on summation order, hence on world size and batching), each rank keeps an integer histogram
+``hist[r] = #{own users at position r}`` for ``r < max(ks)`` (untied users, or every user under
+the optimistic / pessimistic rules) plus, under the expected rule, an integer count of tied
+users per ``(g, e)`` pair with ``g < max(ks)``; those integers are reduced exactly across ranks
+and the means are formed once, in a fixed order. The final numbers are therefore bit-identical
+for any world size, any split of users between ranks and any batching, and every user counts
+exactly once (each rank only counts its own users). (The integer ranks themselves depend on the
+scores; fp32 scores can differ in the last bit between batchings of the GEMM, so *that* part is
+as reproducible as the matmul.)
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -30,7 +41,11 @@ if TYPE_CHECKING:  # pragma: no cover - import for annotations only
     from recsys_dist.eval.ranking import RankResult
 
 __all__ = [
+    "TIE_RULES",
+    "TieCounts",
     "check_ks",
+    "check_ties",
+    "positions_summary",
     "metric_names",
     "rank_histogram",
     "metric_sums_from_histogram",
@@ -50,6 +65,70 @@ def check_ks(ks: Iterable[int]) -> tuple[int, ...]:
         if k not in out:
             out.append(k)
     return tuple(out)
+
+
+TIE_RULES: tuple[str, ...] = ("expected", "optimistic", "pessimistic")
+
+TieCounts = dict[tuple[int, int], int]
+"""``{(g, e): number of users}`` for tied users (``e > 0``, ``g < max(ks)``), expected rule."""
+
+
+def check_ties(ties: str) -> str:
+    """Validate a tie rule name (one of :data:`TIE_RULES`)."""
+    if ties not in TIE_RULES:
+        raise ValueError(f"unknown tie rule {ties!r} (known: {', '.join(TIE_RULES)})")
+    return ties
+
+
+def positions_summary(
+    greater: torch.Tensor, equal: torch.Tensor, max_k: int, ties: str = "expected"
+) -> tuple[torch.Tensor, TieCounts]:
+    """Integer summary of ``b`` users' target positions under a tie rule.
+
+    Args:
+        greater: ``(b,)`` integer counts of candidates scoring strictly higher than the target.
+        equal: ``(b,)`` integer counts of candidates scoring exactly the target's score.
+        max_k: the largest cutoff.
+        ties: ``"expected"`` | ``"optimistic"`` | ``"pessimistic"`` (module docstring).
+
+    Returns:
+        ``(hist, tied)``: ``hist`` is a ``(max_k,)`` ``torch.long`` histogram of users with a
+        single position (see :func:`rank_histogram`); ``tied`` counts the other users (expected
+        rule, ``e > 0``) per ``(g, e)``; users whose every position is ``>= max_k`` appear in
+        neither (they contribute 0 at every cutoff) but still count in the caller's user total.
+    """
+    check_ties(ties)
+    g = greater.reshape(-1).long().cpu()
+    e = equal.reshape(-1).long().cpu()
+    if (g < 0).any() or (e < 0).any():
+        raise ValueError("rank counts must be >= 0")
+    if ties == "optimistic":
+        return rank_histogram(g, max_k), {}
+    if ties == "pessimistic":
+        return rank_histogram(g + e, max_k), {}
+    single = e == 0
+    tied_sel = (~single) & (g < max_k)
+    tied: TieCounts = dict(Counter(zip(g[tied_sel].tolist(), e[tied_sel].tolist())))
+    return rank_histogram(g[single], max_k), tied
+
+
+def _tied_contribution(g: int, e: int, k: int) -> tuple[float, float]:
+    """Expected (HR@k, NDCG@k) of one user whose position is uniform on ``g .. g + e``."""
+    last = min(k - 1, g + e)
+    if last < g:
+        return 0.0, 0.0
+    dcg = 0.0
+    for r in range(g, last + 1):
+        dcg += 1.0 / math.log2(r + 2)
+    return (last - g + 1) / (e + 1), dcg / (e + 1)
+
+
+def merge_tie_counts(parts: Iterable[Mapping[tuple[int, int], int]]) -> TieCounts:
+    """Sum several :data:`TieCounts` (exact: integer counts)."""
+    out: Counter[tuple[int, int]] = Counter()
+    for part in parts:
+        out.update({(int(g), int(e)): int(n) for (g, e), n in part.items()})
+    return dict(out)
 
 
 def metric_names(ks: Sequence[int]) -> list[str]:
@@ -82,13 +161,14 @@ def rank_histogram(ranks: torch.Tensor, max_k: int) -> torch.Tensor:
 
 
 def metric_sums_from_histogram(
-    hist: torch.Tensor | Sequence[int], ks: Sequence[int]
+    hist: torch.Tensor | Sequence[int], ks: Sequence[int],
+    tied: Mapping[tuple[int, int], int] | None = None,
 ) -> dict[str, float]:
-    """Sums over users of HR@K and NDCG@K from a rank histogram (see :func:`rank_histogram`).
+    """Sums over users of HR@K and NDCG@K from a rank histogram (see :func:`rank_histogram`)
+    and, under the expected tie rule, the tied users' counts (see :func:`positions_summary`).
 
-    ``HR@K`` sums are integers (returned as floats); ``NDCG@K`` sums are accumulated in Python
-    floats in a fixed order (rank position ascending), so equal histograms give bit-identical
-    sums.
+    Accumulated in Python floats in a fixed order (histogram position ascending, then tied
+    ``(g, e)`` pairs ascending), so equal inputs give bit-identical sums.
     """
     counts = [int(c) for c in (hist.tolist() if isinstance(hist, torch.Tensor) else hist)]
     out: dict[str, float] = {}
@@ -99,13 +179,20 @@ def metric_sums_from_histogram(
         for r in range(k):
             if counts[r]:
                 dcg += counts[r] / math.log2(r + 2)
-        out[f"HR@{k}"] = float(sum(counts[:k]))
+        hr = float(sum(counts[:k]))
+        for (g, e) in sorted(tied or {}):
+            n = int(tied[(g, e)])  # type: ignore[index]
+            h, c = _tied_contribution(g, e, k)
+            hr += n * h
+            dcg += n * c
+        out[f"HR@{k}"] = hr
         out[f"NDCG@{k}"] = dcg
     return out
 
 
 def metrics_from_histogram(
-    hist: torch.Tensor | Sequence[int], num_users: int, ks: Sequence[int]
+    hist: torch.Tensor | Sequence[int], num_users: int, ks: Sequence[int],
+    tied: Mapping[tuple[int, int], int] | None = None,
 ) -> dict[str, float]:
     """Mean HR@K and NDCG@K from a (global) rank histogram.
 
@@ -115,13 +202,14 @@ def metrics_from_histogram(
         num_users: total number of users the histogram was built from (users with rank
             ``>= max(ks)`` included).
         ks: cutoffs.
+        tied: tied users per ``(g, e)`` (expected tie rule; see :func:`positions_summary`).
 
     Returns:
         ``{"HR@K": mean, "NDCG@K": mean, ...}`` as Python floats (unitless, in ``[0, 1]``), plus
         ``"num_users"`` (an int). The means are ``nan`` when ``num_users == 0``. The arithmetic
         is done in Python floats in a fixed order, so equal inputs give bit-identical outputs.
     """
-    sums = metric_sums_from_histogram(hist, ks)
+    sums = metric_sums_from_histogram(hist, ks, tied)
     out: dict[str, float] = {}
     for name, total in sums.items():
         out[name] = total / num_users if num_users > 0 else math.nan
@@ -129,15 +217,23 @@ def metrics_from_histogram(
     return out
 
 
-def per_user_metrics(ranks: torch.Tensor, ks: Sequence[int]) -> dict[str, torch.Tensor]:
-    """Per-user HR@K and NDCG@K (float64, shape ``(b,)`` each) from ``(b,)`` 0-based ranks."""
-    r = ranks.reshape(-1).long()
-    gain = 1.0 / torch.log2(r.to(torch.float64) + 2.0)
+def per_user_metrics(ranks: torch.Tensor, ks: Sequence[int], equal: torch.Tensor | None = None,
+                     ties: str = "optimistic") -> dict[str, torch.Tensor]:
+    """Per-user HR@K and NDCG@K (float64, shape ``(b,)`` each) from ``(b,)`` counts of strictly
+    higher candidates ``ranks`` and (for the expected / pessimistic rules) ``equal`` ties."""
+    check_ties(ties)
+    g = ranks.reshape(-1).long()
+    e = torch.zeros_like(g) if equal is None else equal.reshape(-1).long()
+    if ties == "pessimistic":
+        g, e = g + e, torch.zeros_like(g)
+    elif ties == "optimistic":
+        e = torch.zeros_like(g)
     out: dict[str, torch.Tensor] = {}
     for k in ks:
-        hit = r < k
-        out[f"HR@{k}"] = hit.to(torch.float64)
-        out[f"NDCG@{k}"] = torch.where(hit, gain, torch.zeros_like(gain))
+        hr, nd = zip(*(_tied_contribution(int(a), int(b), k) for a, b in zip(g.tolist(), e.tolist()))) \
+            if g.numel() else ((), ())
+        out[f"HR@{k}"] = torch.tensor(hr, dtype=torch.float64)
+        out[f"NDCG@{k}"] = torch.tensor(nd, dtype=torch.float64)
     return out
 
 
@@ -159,14 +255,16 @@ class MetricAccumulator:
         print(acc.compute(group))  # {"HR@5": .., "NDCG@5": .., ..., "num_users": 12345}
     """
 
-    def __init__(self, ks: Sequence[int] = (5, 10, 20, 50)) -> None:
+    def __init__(self, ks: Sequence[int] = (5, 10, 20, 50), ties: str = "expected") -> None:
         self.ks: tuple[int, ...] = check_ks(ks)
         self.max_k: int = max(self.ks, default=0)
+        self.ties: str = check_ties(ties)
         self.reset()
 
     def reset(self) -> None:
         """Forget everything accumulated so far (local, not collective)."""
         self.hist: torch.Tensor = torch.zeros(self.max_k, dtype=torch.long)
+        self.tied: TieCounts = {}
         self.num_users: int = 0
 
     def update(self, result: RankResult) -> None:
@@ -175,23 +273,26 @@ class MetricAccumulator:
         ``result`` must have been computed with cutoffs whose maximum is at least
         ``max(self.ks)``.
         """
-        hist = result.local_rank_hist.detach().to("cpu", torch.long)
-        if hist.numel() < self.max_k:
+        if max(result.ks, default=0) < self.max_k:
             raise ValueError(
-                f"result has a rank histogram of {hist.numel()} bins (ks={result.ks}); "
-                f"this accumulator needs {self.max_k} (ks={self.ks})"
+                f"result was ranked with ks={result.ks}; this accumulator needs max {self.max_k} "
+                f"(ks={self.ks})"
             )
-        self.hist += hist[: self.max_k]
-        self.num_users += int(result.num_local_users)
+        self.update_ranks(result.ranks, result.ties_count)
 
-    def update_ranks(self, ranks: torch.Tensor) -> None:
-        """Add this rank's own users given directly as ``(b,)`` 0-based ranks (no communication)."""
-        self.hist += rank_histogram(ranks.detach().to("cpu"), self.max_k)
+    def update_ranks(self, ranks: torch.Tensor, equal: torch.Tensor | None = None) -> None:
+        """Add this rank's own users given directly as ``(b,)`` counts of strictly higher
+        candidates and ``(b,)`` counts of tied ones (``None``: no ties); no communication."""
+        ranks = ranks.detach().reshape(-1)
+        equal = torch.zeros_like(ranks) if equal is None else equal.detach().reshape(-1)
+        hist, tied = positions_summary(ranks, equal, self.max_k, self.ties)
+        self.hist += hist
+        self.tied = merge_tie_counts([self.tied, tied])
         self.num_users += int(ranks.numel())
 
     def local_sums(self) -> dict[str, float]:
         """This rank's own (not reduced) metric *sums* over its users, plus ``"num_users"``."""
-        out = metric_sums_from_histogram(self.hist, self.ks)
+        out = metric_sums_from_histogram(self.hist, self.ks, self.tied)
         out["num_users"] = self.num_users
         return out
 
@@ -204,9 +305,14 @@ class MetricAccumulator:
             when no user was evaluated anywhere. The accumulator is not reset.
         """
         packed = torch.cat([self.hist, torch.tensor([self.num_users], dtype=torch.long)])
+        tied = self.tied
         _, world = group_rank_and_size(group)
         if world > 1:
             packed = packed.to(collective_device(group))
             dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
             packed = packed.cpu()
-        return metrics_from_histogram(packed[: self.max_k], int(packed[self.max_k]), self.ks)
+            if self.ties == "expected":
+                parts: list[TieCounts | None] = [None] * world
+                dist.all_gather_object(parts, tied, group=group)
+                tied = merge_tie_counts(p or {} for p in parts)
+        return metrics_from_histogram(packed[: self.max_k], int(packed[self.max_k]), self.ks, tied)

@@ -11,8 +11,9 @@ Algorithm (per call):
    owned rows, ...) so that inputs are validated collectively - a bad input on one rank raises
    the same ``ValueError`` on every rank instead of leaving the others hanging - and so that
    variable batch sizes can be padded to a common size for the next all-gathers.
-2. All-gather the queries ``(B, d)``, targets ``(B,)`` and (with ``mask_history``) histories
-   ``(B, L)`` of all ranks, ``B = sum_r b_r``, trimming the padding afterwards. Gathered users
+2. All-gather the queries ``(B, d)``, targets ``(B,)`` and (with ``mask_history``) seen sets
+   ``(B, L)`` of all ranks (``histories``: whatever the caller masks, normally every item the
+   user interacted with before the target, not only the model's input window), ``B = sum_r b_r``, trimming the padding afterwards. Gathered users
    are ordered by rank, then by position in the rank's batch.
 3. Each rank scores its block against all ``B`` queries, ``item_chunk`` rows at a time
    (``scores = Q_all @ chunk^T``, so peak memory is ``O(B * item_chunk)`` however many items
@@ -22,7 +23,8 @@ Algorithm (per call):
    never recomputed with a separate dot product, so the threshold every rank compares with
    is bit-for-bit the value the owner compares its own items with.
 4. Each rank counts, per user, its candidate items whose score is *strictly greater* than the
-   target score; an ``all_reduce(SUM)`` of these integer counts gives the exact rank.
+   target score and those whose score is *equal*; an ``all_reduce(SUM)`` of these integer
+   counts gives the exact position of the target up to the order of ties.
 5. Optionally each rank also computes a per-user top-k over its candidates; the per-rank lists
    are all-gathered and merged into the global top-k of every user.
 
@@ -31,11 +33,17 @@ rows in the user's history are removed as well, *except the target*, which is ne
 even if it occurs in the history (for ranks this is moot because the target is excluded from
 its own count anyway; for top-k lists it means the target may appear in the list).
 
-Tie rule: an item whose score *equals* the target score is **not** counted as ranked above
-the target ("optimistic" tie-breaking: the target wins every tie). argsort-based evaluators
-usually get some tie order by accident of the sort implementation; here the rule is explicit
-and independent of world size, chunking and item order. Top-k lists order by score
-descending, then by item id ascending.
+Tie rule (``ties``, see :mod:`~recsys_dist.eval.metrics`): by default ``"expected"``, HR and
+NDCG averaged exactly over a uniformly random order of the items tied with the target, so a
+model whose scores collapsed to a constant scores like a random ranker; ``"optimistic"`` (the
+target wins every tie) and ``"pessimistic"`` are selectable. argsort-based evaluators get some
+tie order by accident of the sort implementation; here the rule is explicit and independent of
+world size, chunking and item order. Top-k lists order by score descending, then by item id
+ascending.
+
+Non-finite inputs are refused: a NaN or inf in any rank's queries or item rows, or a score
+that overflows, raises on every rank (a NaN compares false with everything and would otherwise
+rank first).
 
 Why two passes over the chunks: a chunk's comparisons need the target scores of *all* users,
 but those target scores live in chunks (possibly on other ranks) that are computed later. The
@@ -57,7 +65,8 @@ Counts must be exactly representable in the score dtype (``< 2**24`` for float32
 ``dtype=torch.float64`` for both the block and the queries beyond that).
 
 Devices: all tensors passed to one call must live on the same device, and that device must be
-usable by the backend of ``group`` (CPU tensors for gloo, CUDA tensors for NCCL).
+usable by the backend of ``group`` (CPU tensors for gloo, CUDA tensors for NCCL; the trainer's
+``cpu:gloo,cuda:nccl`` groups take both).
 """
 
 from __future__ import annotations
@@ -69,10 +78,13 @@ import torch
 import torch.distributed as dist
 
 from recsys_dist.eval.metrics import (
+    TIE_RULES,
+    TieCounts,
     check_ks,
+    check_ties,
     metric_sums_from_histogram,
     metrics_from_histogram,
-    rank_histogram,
+    positions_summary,
 )
 from recsys_dist.eval.partition import group_rank_and_size
 
@@ -90,8 +102,11 @@ _FLOAT_DTYPES: tuple[torch.dtype, ...] = (
 
 # Layout of the per-rank header gathered at the start of every call.
 _H_OK, _H_B, _H_L, _H_D, _H_DTYPE, _H_LO, _H_NROWS_LOCAL = 0, 1, 2, 3, 4, 5, 6
-_H_NUM_ROWS, _H_TOPK, _H_MASK, _H_MAXK = 7, 8, 9, 10
-_HEADER_LEN = 11
+_H_NUM_ROWS, _H_TOPK, _H_MASK, _H_MAXK, _H_TIES, _H_KINDS = 7, 8, 9, 10, 11, 12
+_HEADER_LEN = 13
+
+# Bits of the header's problem-kind field, so that every rank can say what went wrong where.
+_KIND_NAMES: tuple[str, ...] = ("NaN/inf queries", "NaN/inf item rows", "other (see that rank's log)")
 
 
 @dataclass
@@ -99,15 +114,18 @@ class RankResult:
     """Outcome of one :func:`rank_targets` call, as seen by one rank.
 
     Attributes:
-        ranks: ``(b_r,)`` ``torch.long``, 0-based rank of each of this rank's own users'
-            target among the candidates (``0`` = best), in input order. Equals the number of
-            candidates with a strictly higher score (ties do not count).
+        ranks: ``(b_r,)`` ``torch.long``, the number of candidates scoring strictly higher
+            than each own user's target (its best possible 0-based position), in input order.
+        ties_count: ``(b_r,)`` ``torch.long``, the number of candidates scoring exactly the
+            target's score.
         target_scores: ``(b_r,)`` target scores (dot products in the query dtype), as computed
             by the owner of the target row.
         ks: metric cutoffs.
-        local_rank_hist: ``(max(ks),)`` ``torch.long`` histogram of this rank's own users'
-            ranks (entry ``r`` = number of own users with rank ``r``); what
-            :class:`~recsys_dist.eval.metrics.MetricAccumulator` accumulates.
+        ties: the tie rule the metrics use.
+        local_rank_hist: ``(max(ks),)`` ``torch.long`` histogram of this rank's own users
+            with a single position under ``ties`` (see
+            :func:`~recsys_dist.eval.metrics.positions_summary`).
+        local_tied: the other own users (expected rule) per ``(g, e)``.
         num_local_users: ``b_r``.
         num_users: users of this call summed over all ranks (each counted once).
         metrics: ``{"HR@K": mean, "NDCG@K": mean, ..., "num_users": N}`` over all users of
@@ -119,9 +137,12 @@ class RankResult:
     """
 
     ranks: torch.Tensor
+    ties_count: torch.Tensor
     target_scores: torch.Tensor
     ks: tuple[int, ...]
+    ties: str
     local_rank_hist: torch.Tensor
+    local_tied: TieCounts
     num_local_users: int
     num_users: int
     metrics: dict[str, float] = field(default_factory=dict)
@@ -130,7 +151,7 @@ class RankResult:
 
     def local_sums(self) -> dict[str, float]:
         """Sums (not means) of HR@K / NDCG@K over this rank's own users, plus ``"num_users"``."""
-        out = metric_sums_from_histogram(self.local_rank_hist, self.ks)
+        out = metric_sums_from_histogram(self.local_rank_hist, self.ks, self.local_tied)
         out["num_users"] = self.num_local_users
         return out
 
@@ -294,6 +315,12 @@ def _local_problems(
         problems.append(f"queries must be (b_r, {d}), got shape {tuple(queries.shape)}")
     if queries.dtype not in _FLOAT_DTYPES:
         problems.append(f"queries must be floating point, got {queries.dtype}")
+    elif queries.numel() and not bool(torch.isfinite(queries).all()):
+        bad = int((~torch.isfinite(queries)).any(dim=-1).sum()) if queries.dim() == 2 else -1
+        problems.append(f"queries hold NaN/inf values ({bad} of {queries.shape[0]} users)")
+    if item_block.dtype in _FLOAT_DTYPES and item_block.numel() and not bool(torch.isfinite(item_block).all()):
+        bad = int((~torch.isfinite(item_block)).any(dim=-1).sum())
+        problems.append(f"item rows hold NaN/inf values ({bad} rows from global id {row_offset})")
     if targets.dim() != 1 or (queries.dim() == 2 and targets.shape[0] != queries.shape[0]):
         problems.append(
             f"targets must be (b_r,) matching queries {tuple(queries.shape)}, "
@@ -329,6 +356,19 @@ def _local_problems(
     return problems
 
 
+def _problem_kinds(problems: list[str]) -> int:
+    """Bit mask over :data:`_KIND_NAMES` of this rank's problems."""
+    bits = 0
+    for p in problems:
+        if p.startswith("queries hold NaN/inf"):
+            bits |= 1
+        elif p.startswith("item rows hold NaN/inf"):
+            bits |= 2
+        else:
+            bits |= 4
+    return bits
+
+
 def _check_headers(headers: torch.Tensor, num_rows: int) -> list[str]:
     """Cross-rank consistency problems in the gathered ``(world, _HEADER_LEN)`` headers."""
     problems: list[str] = []
@@ -339,6 +379,7 @@ def _check_headers(headers: torch.Tensor, num_rows: int) -> list[str]:
         (_H_TOPK, "topk"),
         (_H_MASK, "mask_history"),
         (_H_MAXK, "max(ks)"),
+        (_H_TIES, "tie rule"),
     ):
         values = headers[:, col].tolist()
         if len(set(values)) > 1:
@@ -383,6 +424,7 @@ def rank_targets(
     group: dist.ProcessGroup | None = None,
     item_chunk: int = 65536,
     score_cache_bytes: int = DEFAULT_SCORE_CACHE_BYTES,
+    ties: str = "expected",
 ) -> RankResult:
     """Exact rank of every user's target among all catalog items (collective over ``group``).
 
@@ -405,9 +447,10 @@ def rank_targets(
             :func:`~recsys_dist.eval.partition.row_partition`.
         row_offset: global id of ``item_block[0]``.
         num_rows: catalog size in rows, padding row 0 included.
-        histories: ``(b_r, L)`` integer item ids per user, ``0`` = padding; only read when
-            ``mask_history`` (``L`` may differ between ranks).
-        mask_history: remove the items of each user's history from its candidates (never the
+        histories: ``(b_r, L)`` integer item ids per user to mask, ``0`` = padding; only read
+            when ``mask_history`` (``L`` may differ between ranks). Pass the user's whole seen
+            set (the trainer passes the shards' ``seen`` column), not the truncated input window.
+        mask_history: remove the items of ``histories`` from each user's candidates (never the
             target itself).
         ks: metric cutoffs ``K`` for HR@K / NDCG@K.
         topk: if ``> 0``, also return each own user's ``topk`` best candidates (the target is a
@@ -417,20 +460,25 @@ def rank_targets(
             ``B * item_chunk * (element size + a few bytes)`` where ``B = sum_r b_r``.
         score_cache_bytes: bytes of first-pass score chunks that may be kept for the second
             pass instead of being recomputed (see the module docstring).
+        ties: ``"expected"`` (default) | ``"optimistic"`` | ``"pessimistic"``: how candidates
+            scoring exactly the target's score enter HR/NDCG (module docstring).
 
     Returns:
-        A :class:`RankResult` for this rank's own users. Rank = number of candidates ``j`` with
-        ``score_j > score_target`` (strictly: ties with the target are *not* counted, i.e. the
-        target wins ties), where candidates are all rows except row 0, the target, and - with
-        ``mask_history`` - the user's history. HR@K = ``1[rank < K]``, NDCG@K =
-        ``1 / log2(rank + 2)`` if ``rank < K`` else 0.
+        A :class:`RankResult` for this rank's own users: ``ranks`` = number of candidates ``j``
+        with ``score_j > score_target``, ``ties_count`` = number with ``score_j ==
+        score_target``, where candidates are all rows except row 0, the target, and - with
+        ``mask_history`` - the ids in ``histories``. HR@K = ``1[r < K]``, NDCG@K =
+        ``1 / log2(r + 2)`` if ``r < K`` else 0 for the target's position ``r``, averaged over
+        the tie positions under the expected rule.
 
     Raises:
-        ValueError: on every rank, if any rank passed invalid or inconsistent inputs.
+        ValueError: on every rank, if any rank passed invalid or inconsistent inputs
+            (including NaN/inf queries or item rows).
         RuntimeError: on every rank, if recomputing a score chunk did not reproduce the target
             scores bit-for-bit (non-deterministic matmul; raise ``score_cache_bytes``).
     """
     ks = check_ks(ks)
+    ties = check_ties(ties)
     max_k = max(ks, default=0)
     rank, world = group_rank_and_size(group)
     if world > 1 and group is not None and rank < 0:
@@ -462,7 +510,7 @@ def rank_targets(
     header = torch.tensor(
         [
             0 if problems else 1, b, hist_len, d, dtype_code, row_offset, n_local, num_rows,
-            topk, int(mask_history), max_k,
+            topk, int(mask_history), max_k, TIE_RULES.index(ties), _problem_kinds(problems),
         ],
         dtype=torch.long,
         device=device,
@@ -473,8 +521,12 @@ def rank_targets(
         headers = header.cpu().unsqueeze(0)
     bad_ranks = [r for r in range(world) if headers[r, _H_OK] == 0]
     if bad_ranks:
+        kinds = "; ".join(
+            f"rank {r}: " + ", ".join(n for i, n in enumerate(_KIND_NAMES) if int(headers[r, _H_KINDS]) >> i & 1)
+            for r in bad_ranks
+        )
         mine = ("; this rank: " + "; ".join(problems)) if problems else ""
-        raise ValueError(f"rank_targets: invalid inputs on rank(s) {bad_ranks}{mine}")
+        raise ValueError(f"rank_targets: invalid inputs on rank(s) {bad_ranks} ({kinds}){mine}")
     problems = _check_headers(headers, num_rows)
     if problems:
         raise ValueError("rank_targets: " + "; ".join(problems))
@@ -489,9 +541,12 @@ def rank_targets(
         zeros_hist = torch.zeros(max_k, dtype=torch.long)
         return RankResult(
             ranks=empty_long,
+            ties_count=empty_long,
             target_scores=torch.zeros(0, dtype=dtype, device=device),
             ks=ks,
+            ties=ties,
             local_rank_hist=zeros_hist,
+            local_tied={},
             num_local_users=0,
             num_users=0,
             metrics=metrics_from_histogram(zeros_hist, 0, ks),
@@ -545,7 +600,9 @@ def rank_targets(
 
     # ---- 4. second pass: count strictly higher candidates (+ local top-k) -----------------
     counts = torch.zeros(total, dtype=torch.long, device=device)
+    equal = torch.zeros(total, dtype=torch.long, device=device)
     mismatch = torch.zeros(1, dtype=torch.long, device=device)
+    nonfinite = torch.zeros(1, dtype=torch.long, device=device)
     threshold = t_scores[:, None]
     run_vals = torch.full((total, topk), float("-inf"), dtype=dtype, device=device)
     run_ids = torch.full((total, topk), -1, dtype=torch.long, device=device)
@@ -569,6 +626,8 @@ def rank_targets(
         masked &= ~is_target  # the target is never masked ...
         excluded = masked | is_target  # ... but it never counts against itself
         counts += ((s > threshold) & ~excluded).sum(dim=1)
+        equal += ((s == threshold) & ~excluded).sum(dim=1)
+        nonfinite += (~torch.isfinite(s)).sum()
         if topk > 0:
             cand = s.masked_fill(masked, float("-inf"))
             vals, ids = _topk_in_chunk(cand, first_id, topk)
@@ -577,18 +636,24 @@ def rank_targets(
             )
         del s
 
-    packed = torch.cat([counts, mismatch])
+    packed = torch.cat([counts, equal, mismatch, nonfinite])
     if world > 1:
         dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
     if int(packed[-1]) != 0:
+        raise ValueError(
+            f"rank_targets: {int(packed[-1])} scores are NaN/inf (finite queries and rows whose "
+            f"dot products overflow {dtype}); refusing to rank them"
+        )
+    if int(packed[-2]) != 0:
         raise RuntimeError(
             "rank_targets: recomputed score chunks did not reproduce the target scores "
-            f"({int(packed[-1])} mismatches): the matmul is not deterministic here; raise "
+            f"({int(packed[-2])} mismatches): the matmul is not deterministic here; raise "
             "score_cache_bytes so that the first-pass scores are reused"
         )
-    all_ranks = packed[:-1]
+    all_ranks, all_equal = packed[:total], packed[total:2 * total]
     own = slice(first_user, first_user + b)
     ranks = all_ranks[own].clone()
+    ties_count = all_equal[own].clone()
 
     # ---- 5. merge the per-rank top-k lists ------------------------------------------------
     topk_ids: torch.Tensor | None = None
@@ -608,15 +673,19 @@ def rank_targets(
 
     # Every rank holds the ranks of *all* users after the all-reduce, so the global histogram
     # needs no further communication; each user appears exactly once in it.
-    global_hist = rank_histogram(all_ranks.cpu(), max_k)
+    global_hist, global_tied = positions_summary(all_ranks, all_equal, max_k, ties)
+    local_hist, local_tied = positions_summary(ranks, ties_count, max_k, ties)
     return RankResult(
         ranks=ranks,
+        ties_count=ties_count,
         target_scores=t_scores[own].clone(),
         ks=ks,
-        local_rank_hist=rank_histogram(ranks.cpu(), max_k),
+        ties=ties,
+        local_rank_hist=local_hist,
+        local_tied=local_tied,
         num_local_users=b,
         num_users=total,
-        metrics=metrics_from_histogram(global_hist, total, ks),
+        metrics=metrics_from_histogram(global_hist, total, ks, global_tied),
         topk_ids=topk_ids,
         topk_scores=topk_scores,
     )
