@@ -83,6 +83,7 @@ from .schema import (
     FORMAT,
     ID_MAP_NAME,
     ITEM_COUNTS_NAME,
+    TARGET_COUNTS_NAME,
     LEAVE_ONE_OUT,
     MANIFEST_NAME,
     PAD_ID,
@@ -109,11 +110,11 @@ from .sources import (
 )
 
 log = logging.getLogger(__name__)
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2  # 2: val/test samples carry the whole seen set (seen.i32) when the history is cut
 DEFAULT_MAX_LEN = {LEAVE_ONE_OUT: 50, SESSION_SPLIT: 10}
 DEFAULT_MIN_COUNT = 5
-# (user, j, history, target) of the i-th sample of a split
-SampleFn = Callable[[int], Tuple[int, int, np.ndarray, int]]
+# (user, j, history, target, seen or None) of the i-th sample of a split
+SampleFn = Callable[[int], Tuple[int, int, np.ndarray, int, Optional[np.ndarray]]]
 
 
 # --------------------------------------------------------------------------- samples
@@ -155,6 +156,24 @@ def split_samples(
     tj = starts + (np.arange(tu.size, dtype=np.int64) - first)
     out["train"] = (tu, tj)
     return out
+
+
+def train_target_counts(data: SequenceData, train_prefixes_per_user: Optional[int] = None) -> np.ndarray:
+    """int64 (num_items + 1,): how often each item is the *target* of a train sample (row 0 = 0).
+
+    Train targets are ``s_j`` for ``j = 2..n-2`` (the last K of them with
+    ``train_prefixes_per_user=K``), so this is the arrival distribution of in-batch negatives;
+    :func:`train_item_counts` (every train-history occurrence) is the popularity ranker's."""
+    lengths = data.lengths()
+    user_of = np.repeat(np.arange(lengths.size), lengths)
+    j = np.arange(data.items.size) - data.offsets[:-1][user_of] + 1  # 1-based position
+    hi = lengths[user_of] - 2
+    lo = np.full_like(hi, 2)
+    if train_prefixes_per_user is not None:
+        lo = np.maximum(lo, hi - train_prefixes_per_user + 1)
+    counts = np.bincount(data.items[(j >= lo) & (j <= hi)], minlength=data.num_items + 1).astype(np.int64)
+    counts[PAD_ID] = 0
+    return counts
 
 
 def train_item_counts(data: SequenceData) -> np.ndarray:
@@ -221,7 +240,7 @@ def _manifest_is_complete(fs: Any, root: str, manifest: Dict[str, Any]) -> bool:
             for sh in split["shards"]:
                 if fs.size(posixpath.join(root, sh["name"])) != sh["bytes"]:
                     return False
-        for key in ("train_item_counts_file", "id_map_file"):
+        for key in ("train_item_counts_file", "train_target_counts_file", "id_map_file"):
             if key in manifest and not fs.exists(posixpath.join(root, manifest[key])):
                 return False
     except (FileNotFoundError, KeyError, TypeError):
@@ -260,8 +279,8 @@ def _write_split(
             sink = gz if gz is not None else hw
             with TarWriter(sink, encoder=False, mtime=0, compress=False, user="recsys", group="recsys") as tw:
                 for i in range(start, stop):
-                    u, j, history, target = sample_at(i)
-                    tw.write(encode_sample(split, u, j, history, target, min_len=min_len))
+                    u, j, history, target, seen = sample_at(i)
+                    tw.write(encode_sample(split, u, j, history, target, min_len=min_len, seen=seen))
             if gz is not None:
                 gz.close()
         _replace(fs, tmp, path)
@@ -270,27 +289,35 @@ def _write_split(
     return {"num_samples": int(num_samples), "shards": shards}
 
 
-def _loo_sampler(users: np.ndarray, js: np.ndarray, data: SequenceData, max_len: int) -> SampleFn:
+def _loo_sampler(users: np.ndarray, js: np.ndarray, data: SequenceData, max_len: int,
+                 with_seen: bool = False) -> SampleFn:
+    """Leave-one-out samples; ``with_seen`` (val/test): the whole prefix ``s_1..s_{j-1}``
+    as the seen set whenever the history keeps only its last ``max_len`` items."""
     items, offsets = data.items, data.offsets
     users_l, js_l = users.tolist(), js.tolist()
 
-    def at(i: int) -> Tuple[int, int, np.ndarray, int]:
+    def at(i: int) -> Tuple[int, int, np.ndarray, int, Optional[np.ndarray]]:
         u, j = users_l[i], js_l[i]
         base = int(offsets[u])
         h0 = max(0, j - 1 - max_len)
-        return u, j, items[base + h0: base + j - 1], int(items[base + j - 1])
+        seen = items[base: base + j - 1] if with_seen and h0 > 0 else None
+        return u, j, items[base + h0: base + j - 1], int(items[base + j - 1]), seen
 
     return at
 
 
 def _session_sampler(rows: np.ndarray, data: SessionData, split: str, max_len: int) -> SampleFn:
+    """Session-split samples; val/test carry the session's whole prefix when it was cut."""
     sp = data.splits[split]
     rows_l, pos, tgt, off = rows.tolist(), sp.positions, sp.targets, sp.history_offsets
+    with_seen = split != "train"
 
-    def at(i: int) -> Tuple[int, int, np.ndarray, int]:
+    def at(i: int) -> Tuple[int, int, np.ndarray, int, Optional[np.ndarray]]:
         r = rows_l[i]
         lo, hi = int(off[r]), int(off[r + 1])
-        return r, int(pos[r]), sp.history_items[max(lo, hi - max_len):hi], int(tgt[r])
+        h0 = max(lo, hi - max_len)
+        seen = sp.history_items[lo:hi] if with_seen and h0 > lo else None
+        return r, int(pos[r]), sp.history_items[h0:hi], int(tgt[r]), seen
 
     return at
 
@@ -328,6 +355,7 @@ def _write_all(
     min_len: int,
     progress: Optional[bool],
     item_counts: Callable[[], np.ndarray],
+    target_counts: Callable[[], np.ndarray],
     id_map: Callable[[], Dict[str, Any]],
     manifest_head: Dict[str, Any],
     build: Dict[str, Any],
@@ -346,15 +374,17 @@ def _write_all(
             n, at = samplers[split]
             splits[split] = _write_split(fs, root, split, n, at, samples_per_shard, compress, pbar, min_len)
 
-    buf = io.BytesIO()
-    np.save(buf, item_counts(), allow_pickle=False)
-    _write_bytes_atomic(fs, posixpath.join(root, ITEM_COUNTS_NAME), buf.getvalue())
+    for name, counts in ((ITEM_COUNTS_NAME, item_counts), (TARGET_COUNTS_NAME, target_counts)):
+        buf = io.BytesIO()
+        np.save(buf, counts(), allow_pickle=False)
+        _write_bytes_atomic(fs, posixpath.join(root, name), buf.getvalue())
     _write_bytes_atomic(fs, posixpath.join(root, ID_MAP_NAME), json.dumps(id_map()).encode("utf-8"))
 
     manifest: Dict[str, Any] = {
         **manifest_head,
         "splits": splits,
         "train_item_counts_file": ITEM_COUNTS_NAME,
+        "train_target_counts_file": TARGET_COUNTS_NAME,
         "id_map_file": ID_MAP_NAME,
         "build": build,
     }
@@ -471,7 +501,8 @@ def build_shards(
     tu, tj = samples["train"]
     perm = np.random.default_rng(seed).permutation(tu.size)
     samples["train"] = (tu[perm], tj[perm])
-    samplers = {split: (int(u.size), _loo_sampler(u, j, data, max_len)) for split, (u, j) in samples.items()}
+    samplers = {split: (int(u.size), _loo_sampler(u, j, data, max_len, with_seen=split != "train"))
+                for split, (u, j) in samples.items()}
     head = {
         "format": FORMAT,
         "dataset": dataset,
@@ -481,11 +512,13 @@ def build_shards(
         "max_len": int(max_len),
         "pad_id": PAD_ID,
         "min_history_len": 1,
+        "seen_sets": True,
         "filter": data.stats,
     }
     return _write_all(
         fs, root, existing, dataset, samplers, samples_per_shard, compress, 1, progress,
         item_counts=lambda: train_item_counts(data),
+        target_counts=lambda: train_target_counts(data, train_prefixes_per_user),
         id_map=lambda: {"users": _jsonable_ids(data.raw_user_ids), "items": [None] + _jsonable_ids(data.raw_item_ids)},
         manifest_head=head, build=build,
     )
@@ -542,15 +575,23 @@ def _build_session_shards(
         "max_len": int(max_len),
         "pad_id": PAD_ID,
         "min_history_len": 0,
+        "seen_sets": True,
         "stats": data.stats,
     }
     return _write_all(
         fs, root, existing, dataset, samplers, samples_per_shard, compress, 0, progress,
         item_counts=lambda: session_item_counts(data.splits["train"], data.num_items),
+        target_counts=lambda: _bincount_targets(data.splits["train"].targets, data.num_items),
         id_map=lambda: {"items": [None] + list(range(data.num_items)),
                         "sessions": {s: data.splits[s].sessions.tolist() for s in SPLITS}},
         manifest_head=head, build=build,
     )
+
+
+def _bincount_targets(targets: np.ndarray, num_items: int) -> np.ndarray:
+    counts = np.bincount(targets, minlength=num_items + 1).astype(np.int64)
+    counts[PAD_ID] = 0
+    return counts
 
 
 def summarize(manifest: Dict[str, Any]) -> str:

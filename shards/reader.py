@@ -5,7 +5,11 @@ the reader yields whole batches::
 
     {"history": LongTensor (B, max_len)  # left-padded with 0, most recent item last
      "target":  LongTensor (B,),
-     "user":    LongTensor (B,)}
+     "user":    LongTensor (B,),
+     "seen":    LongTensor (B, S)}     # val/test only: the whole seen set, 0-padded
+
+``seen`` is what evaluation masks: the user's every earlier item, however many
+(the shard's ``seen.i32`` member when the history was cut to ``max_len``).
 
 With a ``"session_split"`` manifest (``"min_history_len": 0``) a history may be
 empty: its row is all padding. ``user`` is then the sample's row index in its
@@ -834,7 +838,7 @@ class ShardReader(IterableDataset):
                         continue
                     try:
                         yield idx, decode_sample(key, members, url, self.num_items, self.manifest_max_len,
-                                                 self.min_history_len)
+                                                 self.min_history_len, with_seen=self.split != "train")
                     except ShardError as e:
                         self._fail(e, slot, _BAD_SAMPLES)
             except ShardError as e:
@@ -899,19 +903,28 @@ class ShardReader(IterableDataset):
             sb.buf = [held.pop(j) for j in sb.buf]
         yield from sb.drain()
 
-    def collate(self, samples: Sequence[Tuple[np.ndarray, int, int]]) -> Dict[str, torch.Tensor]:
+    def collate(self, samples: Sequence[Tuple[Any, ...]]) -> Dict[str, torch.Tensor]:
         """Stack decoded samples into a batch (history left-padded with 0 to ``max_len``;
-        an empty history gives an all-padding row)."""
+        an empty history gives an all-padding row). Val/test batches also get ``"seen"``
+        (B, S): each user's whole seen set, right-padded with 0 (S = the batch's largest)."""
         hist = np.zeros((len(samples), self.max_len), dtype=np.int64)
-        for b, (h, _, _) in enumerate(samples):
+        for b, s in enumerate(samples):
+            h = s[0]
             if h.size:
                 h = h[-self.max_len:]
                 hist[b, self.max_len - h.size:] = h
-        return {
+        out = {
             "history": torch.from_numpy(hist),
-            "target": torch.tensor([t for _, t, _ in samples], dtype=torch.int64),
-            "user": torch.tensor([u for _, _, u in samples], dtype=torch.int64),
+            "target": torch.tensor([s[1] for s in samples], dtype=torch.int64),
+            "user": torch.tensor([s[2] for s in samples], dtype=torch.int64),
         }
+        if self.split != "train":
+            width = max((int(s[3].size) for s in samples), default=0)
+            seen = np.zeros((len(samples), width), dtype=np.int64)
+            for b, s in enumerate(samples):
+                seen[b, : s[3].size] = s[3]
+            out["seen"] = torch.from_numpy(seen)
+        return out
 
     def __iter__(self) -> Iterator[Dict[str, torch.Tensor]]:
         info = get_worker_info()

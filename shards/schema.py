@@ -10,6 +10,11 @@ tar member         content
                    (4*min_history_len..4*max_len bytes)
 ``<key>.target.i32``   one int32 little-endian (4 bytes): the next item
 ``<key>.user.i32``     one int32 little-endian (4 bytes): the dense user index
+``<key>.seen.i32``     optional, val/test only: int32 raw bytes, the user's *whole* seen
+                   set before the target (sorted unique ids), written when the
+                   history was cut to ``max_len``; absent, the history is the
+                   whole seen set. Evaluation masks this set (``eval.mask_history``),
+                   never just the model's input window.
 =================  ==========================================================
 
 ``key = f"{split}-{user:08d}-{j:05d}"`` where ``j`` is the 1-based position
@@ -35,7 +40,7 @@ Shards are named ``f"{split}-{index:05d}.tar"`` (``.tar.gz`` when built with
 from __future__ import annotations
 
 import re
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -44,13 +49,16 @@ SPLITS: Tuple[str, ...] = ("train", "val", "test")
 HISTORY = "history.i32"
 TARGET = "target.i32"
 USER = "user.i32"
+SEEN = "seen.i32"
 MEMBERS: Tuple[str, ...] = (HISTORY, TARGET, USER)
+OPTIONAL_MEMBERS: Tuple[str, ...] = (SEEN,)
 PAD_ID = 0
 LEAVE_ONE_OUT = "leave_one_out"
 SESSION_SPLIT = "session_split"
 PROTOCOLS: Tuple[str, ...] = (LEAVE_ONE_OUT, SESSION_SPLIT)
 MANIFEST_NAME = "manifest.json"
 ITEM_COUNTS_NAME = "item_counts.npy"
+TARGET_COUNTS_NAME = "target_counts.npy"  # train-target occurrences (in-batch negatives)
 ID_MAP_NAME = "id_map.json"
 
 _I32 = np.dtype("<i4")
@@ -110,7 +118,8 @@ def manifest_min_history_len(manifest: Mapping[str, object]) -> int:
 
 
 def encode_sample(
-    split: str, user: int, j: int, history: np.ndarray, target: int, min_len: int = 1
+    split: str, user: int, j: int, history: np.ndarray, target: int, min_len: int = 1,
+    seen: Optional[np.ndarray] = None,
 ) -> Dict[str, object]:
     """Encode one sample as a dict for ``webdataset.TarWriter(encoder=False)``.
 
@@ -121,20 +130,26 @@ def encode_sample(
         history: 1-D int array, unpadded, oldest first, length >= ``min_len``.
         target: item id (>= 1).
         min_len: shortest allowed history (0 for session-split data).
+        seen: the user's whole seen set before the target when ``history`` is a cut of it
+            (written as sorted unique ids), else None.
 
     Returns:
-        ``{"__key__": str, "history.i32": bytes, "target.i32": bytes, "user.i32": bytes}``.
+        ``{"__key__": str, "history.i32": bytes, "target.i32": bytes, "user.i32": bytes}``
+        (+ ``"seen.i32"``).
     """
     h = np.ascontiguousarray(history, dtype=_I32)
     if h.ndim != 1 or h.size < min_len:
         what = "a non-empty 1-D array" if min_len >= 1 else "a 1-D array"
         raise ValueError(f"history must be {what}, got shape {h.shape}")
-    return {
+    out: Dict[str, object] = {
         "__key__": make_key(split, user, j),
         HISTORY: h.tobytes(),
         TARGET: np.asarray([target], dtype=_I32).tobytes(),
         USER: np.asarray([user], dtype=_I32).tobytes(),
     }
+    if seen is not None:
+        out[SEEN] = np.unique(np.asarray(seen, dtype=_I32)).astype(_I32).tobytes()
+    return out
 
 
 def decode_sample(
@@ -144,7 +159,8 @@ def decode_sample(
     num_items: int,
     max_len: int,
     min_len: int = 1,
-) -> Tuple[np.ndarray, int, int]:
+    with_seen: bool = False,
+) -> Tuple[Any, ...]:
     """Decode and validate one sample read from shard ``url``.
 
     Args:
@@ -155,10 +171,13 @@ def decode_sample(
         max_len: the longest history the manifest allows.
         min_len: the shortest history the manifest allows (its ``min_history_len``:
             1, or 0 for session-split data whose first interactions have none).
+        with_seen: also return the seen set (the ``seen.i32`` member, or the
+            history itself when the sample has none).
 
     Returns:
-        ``(history, target, user)``: history is an int32 array of shape (L,),
-        min_len <= L <= max_len, oldest first; target and user are Python ints.
+        ``(history, target, user)`` (+ ``seen`` with ``with_seen``): history is an
+        int32 array of shape (L,), min_len <= L <= max_len, oldest first; target
+        and user are Python ints; seen is an int32 array of item ids.
 
     Raises:
         ShardError: a member is missing or unexpected, has the wrong byte length,
@@ -170,7 +189,7 @@ def decode_sample(
                 f"{url}: sample {key!r} is missing member {key}.{m} (has {sorted(members)})",
                 url=url, key=key, member=m,
             )
-    extra = sorted(set(members) - set(MEMBERS))
+    extra = sorted(set(members) - set(MEMBERS) - set(OPTIONAL_MEMBERS))
     if extra:
         raise ShardError(
             f"{url}: sample {key!r} has unexpected member(s) {[key + '.' + e for e in extra]}",
@@ -208,4 +227,17 @@ def decode_sample(
             f"{url}: member {key}.{USER} holds negative user index {user}",
             url=url, key=key, member=USER,
         )
-    return history, target, user
+    if not with_seen:
+        return history, target, user
+    seen = history
+    if SEEN in members:
+        sb = members[SEEN]
+        if len(sb) % 4 != 0:
+            raise ShardError(f"{url}: member {key}.{SEEN} has {len(sb)} bytes; expected a multiple of 4",
+                             url=url, key=key, member=SEEN)
+        seen = np.frombuffer(sb, dtype=_I32)
+        if seen.size and (int(seen.min()) < 1 or int(seen.max()) > num_items):
+            bad = int(seen[(seen < 1) | (seen > num_items)][0])
+            raise ShardError(f"{url}: member {key}.{SEEN} holds item id {bad} outside [1, {num_items}]",
+                             url=url, key=key, member=SEEN)
+    return history, target, user, seen

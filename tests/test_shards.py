@@ -81,6 +81,10 @@ def raw_sequences():
     return {u: [i for _, i in sorted(v)] for u, v in seqs.items()}
 
 
+def index_of(raw_items):
+    return {r: i for i, r in enumerate(raw_items) if r is not None}
+
+
 def read_all(url, split, batch_size=64, **kw):
     """All samples of a split as a list of (user, target, history tuple), in reader order."""
     out = []
@@ -140,10 +144,13 @@ def test_manifest_counts_match_samples_read(built):
     assert len(m["splits"]["train"]["shards"]) == 7 and len(m["splits"]["val"]["shards"]) == 1
     # keys and member layout
     names = [n for n, _ in tar_members(os.path.join(out, "val-00000.tar"))]
-    assert len(names) == 3 * MAX_USERS
-    assert all(re.fullmatch(r"val-\d{8}-\d{5}\.(history|target|user)\.i32", n) for n in names)
+    cut = sum(1 for n in names if n.endswith(".seen.i32"))  # users whose history was cut to max_len
+    assert 0 < cut < MAX_USERS and len(names) == 3 * MAX_USERS + cut
+    assert all(re.fullmatch(r"val-\d{8}-\d{5}\.(history|seen|target|user)\.i32", n) for n in names)
     key = names[0].split(".")[0]
-    assert names[:3] == [key + ".history.i32", key + ".target.i32", key + ".user.i32"]
+    assert [n for n in names if n.startswith(key + ".")] in (
+        [key + ".history.i32", key + ".target.i32", key + ".user.i32"],
+        [key + ".history.i32", key + ".seen.i32", key + ".target.i32", key + ".user.i32"])
     assert verify_shards(out)["checked"] == 9
 
 
@@ -172,6 +179,19 @@ def test_leave_one_out_matches_raw_tsv(built, raw_sequences):
         assert len(train[u]) == K
         expected = {(s[j - 1], tuple(s[: j - 1][-MAX_LEN:])) for j in range(n - 1 - K, n - 1)}
         assert {(raw_items[t], tuple(to_raw(h))) for t, h in train[u]} == expected
+    # eval seen sets: every item before the target, however long the history (masking uses it)
+    for split, cut in (("val", 2), ("test", 1)):
+        for b in ShardReader(out, split, 64):
+            for u, seen in zip(b["user"].tolist(), b["seen"].tolist()):
+                s = raw_sequences[raw_users[u]]
+                assert sorted(raw_items[i] for i in seen if i) == sorted(set(s[:-cut])), (split, u)
+    # target counts: how often each item is a train target (the last K prefixes' targets)
+    tcounts = np.load(os.path.join(out, m["train_target_counts_file"]), allow_pickle=False)
+    texp = np.zeros_like(tcounts)
+    for r in raw_users:
+        for it in raw_sequences[r][-2 - K:-2]:
+            texp[index_of(raw_items)[it]] += 1
+    np.testing.assert_array_equal(tcounts, texp)
     # item counts: occurrences in s_1..s_{n-2} of every user
     counts = np.load(os.path.join(out, m["train_item_counts_file"]), allow_pickle=False)
     assert counts.dtype == np.int64 and counts.shape == (m["num_items"] + 1,) and counts[0] == 0
@@ -321,12 +341,12 @@ def test_out_of_range_item_raises_naming_member(copy_of, built):
     m = built[1]
     path = os.path.join(copy_of, "val-00000.tar")
     members = tar_members(path)
-    bad_name = members[3][0]  # second sample's history member
-    assert bad_name.endswith(".history.i32")
-    orig = members[3][1]
+    hi = [i for i, (n, _) in enumerate(members) if n.endswith(".history.i32")][1]  # second sample's
+    bad_name = members[hi][0]
+    orig = members[hi][1]
     h = np.frombuffer(orig, dtype="<i4").copy()
     h[0] = m["num_items"] + 1
-    members[3] = (bad_name, h.tobytes())
+    members[hi] = (bad_name, h.tobytes())
     write_tar(path, members)
     with pytest.raises(ShardError, match=re.escape(bad_name)) as ei:
         read_all(copy_of, "val")
@@ -337,10 +357,10 @@ def test_out_of_range_item_raises_naming_member(copy_of, built):
     assert n == MAX_USERS - 1 and rd.bad_samples == 1 and rd.bad_shards == 0
     # a target out of range
     good = list(members)
-    good[3] = (bad_name, orig)
-    target_name = members[6 * 7 + 1][0]
-    assert target_name.endswith(".target.i32")
-    good[6 * 7 + 1] = members[6 * 7 + 1] = (target_name, np.array([0], dtype="<i4").tobytes())
+    good[hi] = (bad_name, orig)
+    ti = [i for i, (n, _) in enumerate(members) if n.endswith(".target.i32")][14]  # 15th sample's
+    target_name = members[ti][0]
+    good[ti] = members[ti] = (target_name, np.array([0], dtype="<i4").tobytes())
     write_tar(path, good)
     with pytest.raises(ShardError, match=re.escape(target_name) + ".* 0 outside"):
         read_all(copy_of, "val")
@@ -354,14 +374,15 @@ def test_out_of_range_item_raises_naming_member(copy_of, built):
 def test_missing_member_and_bad_length(copy_of):
     path = os.path.join(copy_of, "test-00000.tar")
     members = tar_members(path)
-    gone = members[1][0]
-    assert gone.endswith(".target.i32")
-    write_tar(path, members[:1] + members[2:])
+    ti = next(i for i, (n, _) in enumerate(members) if n.endswith(".target.i32"))
+    ui = next(i for i, (n, _) in enumerate(members) if n.endswith(".user.i32"))
+    gone = members[ti][0]
+    write_tar(path, members[:ti] + members[ti + 1:])
     with pytest.raises(ShardError, match=re.escape(gone)):
         read_all(copy_of, "test")
-    members[2] = (members[2][0], b"\x01\x00\x00")  # user.i32 with 3 bytes
+    members[ui] = (members[ui][0], b"\x01\x00\x00")  # user.i32 with 3 bytes
     write_tar(path, members)
-    with pytest.raises(ShardError, match=re.escape(members[2][0]) + ".*3 bytes"):
+    with pytest.raises(ShardError, match=re.escape(members[ui][0]) + ".*3 bytes"):
         read_all(copy_of, "test")
 
 
