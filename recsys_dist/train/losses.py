@@ -87,21 +87,30 @@ def sharded_softmax_ce(queries: torch.Tensor, target_logits: torch.Tensor, item_
 
 def sampled_softmax_ce(queries: torch.Tensor, target_logits: torch.Tensor, target_ids: torch.Tensor,
                        negatives: torch.Tensor, negative_ids: torch.Tensor,
-                       log_q: torch.Tensor | None = None) -> torch.Tensor:
-    """Sampled-softmax CE against negatives shared by the batch (for very large catalogs).
+                       log_counts: torch.Tensor | None = None) -> torch.Tensor:
+    """Sampled-softmax CE against candidates shared by the batch (for very large catalogs).
+
+    Per sample, ``log(exp(t) + sum_c exp(l_c - log_counts_c)) - t`` over the candidates ``c`` that
+    are not the sample's target: the target logit ``t`` enters exactly, and the corrected sum over
+    the other candidates is an unbiased estimate of the partition sum over the non-target items,
+    so the loss estimates the full-softmax CE (up to the bias of the log of an estimate).
 
     Args:
         queries: (b, d); target_logits: (b,) q . e_target; target_ids: (b,) long.
-        negatives: (n, d) embeddings of the sampled ids negative_ids (n,) long.
-        log_q: (n,) log proposal probability of each negative (logQ correction); None for
-            uniform sampling, where the correction is a constant and cancels.
+        negatives: (n, d) embeddings of the candidate ids negative_ids (n,) long.
+        log_counts: (n,) log expected number of copies of each candidate in the candidate set (logQ
+            correction, subtracted from the candidates' logits, never from the target's): e.g.
+            ``log(n q_j)`` for n i.i.d. draws from q, ``log(n / (N - 1))`` for uniform ones (a
+            constant that does not cancel, since the target is not corrected),
+            ``NegativeSampler.candidates`` for mixed negatives. None: no correction, right only
+            when every candidate occurs exactly once (e.g. the whole catalog).
     Returns:
-        scalar mean CE over the b samples. A negative equal to a sample's target (an
+        scalar mean CE over the b samples. A candidate equal to a sample's target (an
         accidental hit) is removed from that sample's softmax.
     """
     logits = queries @ negatives.t()  # (b, n)
-    if log_q is not None:
-        logits = logits - log_q[None, :]
+    if log_counts is not None:
+        logits = logits - log_counts[None, :]
     logits = logits.masked_fill(negative_ids[None, :] == target_ids[:, None], float("-inf"))
     full = torch.cat([target_logits[:, None], logits], dim=1)
     return (torch.logsumexp(full, dim=1) - target_logits).mean()

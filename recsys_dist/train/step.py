@@ -10,7 +10,6 @@ The path of one batch (see README "One batch"):
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -89,13 +88,10 @@ def train_step(engine, table: ShardedItemTable, history: torch.Tensor, target: t
         candidates = torch.arange(max(lo, 1), hi)  # this rank's rows; padding is never a candidate
     elif loss_name == "sampled_softmax":
         sampler = sampler or NegativeSampler(table.num_rows, kind="uniform")
-        candidates, log_counts = sampler.draw(num_negatives, seed, step)
-        if in_batch_negatives:
-            batch_ids = _all_gather_ids(target, world).cpu()
-            if log_counts is None:  # uniform: its constant no longer cancels against in-batch ones
-                log_counts = torch.full((num_negatives,), math.log(num_negatives / (table.num_rows - 1)))
-            log_counts = torch.cat([log_counts, sampler.in_batch_log_count(batch_ids)])
-            candidates = torch.cat([candidates, batch_ids])
+        # n sampled ids (+ the global batch's B targets), each with its log expected count in the
+        # candidate set: log(n q_j), or the mixture log(n q_j + (B - 1) p_j) with in-batch ids
+        batch_ids = _all_gather_ids(target, world).cpu() if in_batch_negatives else None
+        candidates, log_counts = sampler.candidates(num_negatives, seed, step, batch_ids)
     else:
         raise ValueError(f"unknown loss '{loss_name}' (full_ce | sampled_softmax)")
     batch, (block,) = embed(table, history, target, [candidates])
