@@ -15,6 +15,7 @@ import sys
 
 from launcher import commands
 from launcher import plan as plan_cli  # light: torchrec is imported only when planning
+from recsys_dist.config import ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,7 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as e:  # bad job config (file, field, type, override): one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2  # argparse's status for a usage error
 
 
 if __name__ == "__main__":

@@ -9,7 +9,10 @@ YAML scalars, so ``eval.mask_history=true`` and ``data.max_users=null`` do what 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -74,7 +77,8 @@ class ModelConfig:
     # diffusion (DiffuRec)
     diffusion_steps: int = 32
     schedule: str = "trunc_linear"
-    lambda_uncertainty: float = 0.001  # lambda ~ N(value, value) per history item
+    lambda_uncertainty: float = 0.001  # lambda ~ N(value, value) per history item (per dimension: official)
+    diffurec_form: str = "official"  # official (lambda per dim, norm before noise + after encoder) | paper
     # guided denoisers (DreamRec, AREAL, DimeRec)
     p_uncond: float = 0.1  # classifier-free guidance: probability of dropping the guidance
     guidance_w: float = 2.0  # guidance strength w at sampling: (1 + w) f(c) - w f(null)
@@ -137,10 +141,12 @@ class EvalConfig:
 
     ks: tuple[int, ...] = (5, 10, 20, 50)
     batch_size: int = 512  # users per rank per batch
-    mask_history: bool = False  # remove already-seen items from the candidates
+    mask_history: bool = False  # remove the user's whole seen set (train + earlier items) from the candidates
+    ties: str = "expected"  # expected (random order of tied items, averaged exactly) | optimistic | pessimistic
     seed: int = 2024  # diffusion sampling noise at eval (per user, world-size independent)
+    test_seeds: int = 3  # generative models: test metrics are mean/std over this many eval-noise seeds
     select_metric: str = "NDCG@10"  # validation metric that selects the checkpoint
-    val_max_users: int | None = None  # validate on a fixed subset (first N users) for speed
+    val_max_users: int | None = None  # validate on a fixed, seeded random subset of N users for speed
     item_chunk: int = 65536  # items scored per matmul chunk (bounds memory)
     test_max_users: int | None = None  # test on a fixed subset (first N users): huge catalogs on CPU
 
@@ -180,27 +186,143 @@ class JobConfig:
         return dataclasses.asdict(self)
 
 
-def _coerce(value: Any, current: Any, name: str) -> Any:
-    """Convert a YAML value to the type of the field's current value where obvious."""
-    if isinstance(current, tuple) and isinstance(value, list):
-        return tuple(value)
-    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    return value
+class ConfigError(ValueError):
+    """A config that cannot be used: unknown field, value of the wrong type, malformed override,
+    missing or invalid YAML file. The message is one line naming the field or the file (the CLI
+    prints it as ``error: <message>``). A ValueError, so callers catching ValueError still work."""
 
 
-def _apply(obj: Any, updates: dict[str, Any], where: str) -> None:
-    names = {f.name for f in dataclasses.fields(obj)}
+class ConfigFileNotFoundError(ConfigError, FileNotFoundError):
+    """A config file (or a ``base:`` it names) that does not exist."""
+
+
+_NONE_TYPE = type(None)
+
+
+class _Mismatch(Exception):
+    """A value that does not fit a type hint (internal; becomes a ConfigError naming the field)."""
+
+
+@functools.lru_cache(maxsize=None)
+def _field_types(cls: type) -> dict[str, tuple[Any, str]]:
+    """Field name -> (resolved type hint, the annotation as written) of a config dataclass.
+
+    ``from __future__ import annotations`` leaves annotations as strings: resolve them."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: (hints.get(f.name, Any), f.type if isinstance(f.type, str) else getattr(
+        f.type, "__name__", str(f.type))) for f in dataclasses.fields(cls)}
+
+
+def _type_label(hint: Any) -> str:
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+
+
+def _check(value: Any, hint: Any) -> Any:
+    """``value`` converted to ``hint`` (int -> float, list -> tuple), or raise _Mismatch."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and _NONE_TYPE in args:
+            return None
+        details = []
+        for arg in args:
+            if arg is not _NONE_TYPE:
+                try:
+                    return _check(value, arg)
+                except _Mismatch as e:
+                    details += [str(e)] if str(e) else []
+        raise _Mismatch("; ".join(details))
+    if origin is typing.Literal:
+        if value in args:
+            return value
+        raise _Mismatch(f"one of {list(args)}")
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise _Mismatch()
+        if origin is list or (len(args) == 2 and args[1] is Ellipsis):
+            elem = [args[0] if args else Any] * len(value)
+        else:
+            if len(value) != len(args):
+                raise _Mismatch(f"{len(value)} element{'' if len(value) == 1 else 's'}, expected {len(args)}")
+            elem = list(args)
+        out = []
+        for i, (v, t) in enumerate(zip(value, elem)):
+            try:
+                out.append(_check(v, t))
+            except _Mismatch:
+                raise _Mismatch(f"element {i} is {v!r} ({type(v).__name__}), not {_type_label(t)}") from None
+        return tuple(out) if origin is tuple else out
+    if origin is not None:  # dict[str, int] and the like: the container type only
+        if isinstance(value, origin):
+            return value
+        raise _Mismatch()
+    if hint is bool:  # only YAML true/false (and yes/no/on/off, YAML 1.1 booleans); never 0/1
+        if isinstance(value, bool):
+            return value
+        raise _Mismatch()
+    if hint is int:  # bool is an int in Python: not a valid int here
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _Mismatch()
+    if hint is float:
+        if isinstance(value, bool):
+            raise _Mismatch()
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise _Mismatch()
+    if isinstance(hint, type):
+        if isinstance(value, hint):
+            return value
+        raise _Mismatch()
+    return value  # a hint this checker does not know: unchecked
+
+
+def _short_repr(value: Any, limit: int = 80) -> str:
+    text = repr(value).replace("\n", " ")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _coerce(value: Any, hint: Any, name: str, label: str | None = None) -> Any:
+    """``value`` (from YAML, an override or a stored config) checked against the field's type
+    hint and converted where lossless (int -> float, list -> tuple); ConfigError otherwise."""
+    try:
+        return _check(value, hint)
+    except _Mismatch as e:
+        detail = f": {e}" if str(e) else ""
+        raise ConfigError(f"config field '{name}' expects {label or _type_label(hint)}, got "
+                          f"{_short_repr(value)} ({type(value).__name__}){detail}") from None
+
+
+def _apply(obj: Any, updates: Any, where: str) -> None:
+    if not isinstance(updates, dict):
+        raise ConfigError(f"config section '{where.rstrip('.') or '<top level>'}' must be a mapping, "
+                          f"got {_short_repr(updates)} ({type(updates).__name__})")
+    types_ = _field_types(type(obj))
     for key, value in updates.items():
-        if key not in names:
-            raise KeyError(f"unknown config field '{where}{key}' (known: {sorted(names)})")
+        if key not in types_:
+            raise ConfigError(f"unknown config field '{where}{key}' (known: {', '.join(sorted(types_))})")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
-                raise TypeError(f"config field '{where}{key}' is a section; got {value!r}")
+                raise ConfigError(f"config field '{where}{key}' is a section (set its fields, e.g. "
+                                  f"{where}{key}.<field>=...); got {_short_repr(value)}")
             _apply(current, value, f"{where}{key}.")
         else:
-            setattr(obj, key, _coerce(value, current, where + key))
+            hint, label = types_[key]
+            setattr(obj, key, _coerce(value, hint, where + key, label))
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error as one line: the problem and where."""
+    problem = getattr(e, "problem", None) or getattr(e, "context", None) or str(e).splitlines()[0]
+    mark = getattr(e, "problem_mark", None)
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else str(problem)
 
 
 def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
@@ -208,58 +330,105 @@ def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
     nested: dict[str, Any] = {}
     for pair in pairs:
         if "=" not in pair:
-            raise ValueError(f"override '{pair}' is not of the form key.sub=value")
+            raise ConfigError(f"override '{pair}' is not of the form key.sub=value")
         key, raw = pair.split("=", 1)
+        parts = [part.strip() for part in key.strip().split(".")]
+        if not all(parts):
+            raise ConfigError(f"override '{pair}': empty field name in '{key}' (expected key.sub=value)")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override '{pair}': malformed value: {_yaml_problem(e)}") from None
         node = nested
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
+        for i, part in enumerate(parts[:-1]):
             node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(raw)
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{pair}' conflicts with an earlier override setting "
+                                  f"'{'.'.join(parts[:i + 1])}' to a value")
+        node[parts[-1]] = value
     return nested
 
 
-def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[dict[str, Any]]:
-    """The YAML at ``path`` preceded by the files its ``base:`` list names (relative paths)."""
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path, dict[str, Any]]]:
+    """(file, mapping) for the YAML at ``path``, preceded by those of the files its ``base:``
+    list names (paths relative to the file)."""
     path = path.resolve()
     if path in seen:
-        raise ValueError(f"config base cycle: {' -> '.join(map(str, seen + (path,)))}")
+        raise ConfigError(f"config base cycle: {' -> '.join(map(str, seen + (path,)))}")
     if not path.exists():
-        raise FileNotFoundError(f"config file not found: {path}")
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
-    bases = data.pop("base", [])
-    layers: list[dict[str, Any]] = []
-    for base in [bases] if isinstance(bases, str) else bases:
+        where = f" (a base of {seen[-1]})" if seen else ""
+        raise ConfigFileNotFoundError(f"config file not found: {path}{where}")
+    if not path.is_file():
+        raise ConfigError(f"config path is not a file: {path}")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {_yaml_problem(e)}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config file {path}: {e}") from None
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file must be a mapping of sections, got {type(data).__name__}")
+    bases = data.pop("base", None) or []
+    bases = [bases] if isinstance(bases, str) else bases
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"{path}: 'base' must be a file name or a list of file names, got {bases!r}")
+    layers: list[tuple[Path, dict[str, Any]]] = []
+    for base in bases:
         layers += _read_yaml(path.parent / base, seen + (path,))
-    return layers + [data]
+    return layers + [(path, data)]
 
 
 def load_config(path: str | os.PathLike[str] | None = None, overrides: Sequence[str] = ()) -> JobConfig:
     """Load a JobConfig from a YAML file (optional) and apply command-line overrides.
 
     A YAML file may start with ``base: [a.yaml, b.yaml]``: those are applied first, in order,
-    then the file itself, then the overrides.
+    then the file itself, then the overrides. Every value is checked against its field's type
+    (ConfigError, one line naming the field, otherwise).
     """
     cfg = JobConfig()
     if path is not None:
-        for layer in _read_yaml(Path(path)):
-            _apply(cfg, layer, "")
+        for file, layer in _read_yaml(Path(path)):
+            try:
+                _apply(cfg, layer, "")
+            except ConfigError as e:
+                raise ConfigError(f"{file}: {e}") from None
     _apply(cfg, parse_overrides(overrides), "")
     return cfg
 
 
 def config_from_dict(data: dict[str, Any]) -> JobConfig:
-    """Rebuild a JobConfig from ``to_dict()`` output (e.g. stored in a checkpoint or metrics)."""
+    """Rebuild a JobConfig from ``to_dict()`` output (e.g. stored in a checkpoint or metrics);
+    values are type-checked like a YAML file's (ConfigError)."""
     cfg = JobConfig()
     _apply(cfg, data, "")
     return cfg
 
 
+#: (section, field, value before the field existed) for fields whose default is *not* the old
+#: behaviour: a config stored before the field existed is read with the old value.
+OLD_BEHAVIOUR: tuple[tuple[str, str, Any], ...] = (
+    ("model", "diffurec_form", "paper"),  # DiffuRec: per-item lambda, norm on z (before official form)
+    ("eval", "ties", "optimistic"),  # the target won every tie
+    ("eval", "test_seeds", 1),  # one eval-noise seed
+)
+
+
 def stored_config_as_now(data: dict[str, Any]) -> dict[str, Any] | None:
     """A ``to_dict()`` stored by an earlier run, as this version would write it: fields added
     to ``JobConfig`` since count as their defaults (new fields default to the behaviour from
-    before they existed). None when the stored config has a field since removed or retyped."""
+    before they existed), except where a new default changed the behaviour: those get the value
+    that reproduces the old behaviour (:data:`OLD_BEHAVIOUR`). None when the stored config has a
+    field since removed or retyped."""
+    import copy
+
+    data = copy.deepcopy(data)
+    for section, key, old in OLD_BEHAVIOUR:
+        part = data.get(section)
+        if isinstance(part, dict) and key not in part:
+            part[key] = old
     try:
         return config_from_dict(data).to_dict()
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError):  # ConfigError is a ValueError
         return None

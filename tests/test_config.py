@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from recsys_dist.config import REPO_ROOT, load_config, parse_overrides
+from recsys_dist.config import (REPO_ROOT, ConfigError, JobConfig, config_from_dict, load_config,
+                                parse_overrides, stored_config_as_now)
 from recsys_dist.models import MODELS
 
 CONFIGS = sorted(p for p in (REPO_ROOT / "configs").glob("*.yaml"))
@@ -24,7 +25,7 @@ def test_overrides_and_bases(tmp_path):
     assert (cfg.model.dim, cfg.train.max_steps, cfg.train.lr, cfg.eval.ks) == (48, 5, 0.01, (1, 2))
     assert cfg.data.max_users is None
     assert parse_overrides(["a.b=true"]) == {"a": {"b": True}}
-    with pytest.raises(KeyError, match="unknown config field 'train.nope'"):
+    with pytest.raises(ConfigError, match="unknown config field 'train.nope'"):
         load_config(None, ["train.nope=1"])
     with pytest.raises(ValueError, match="key.sub=value"):
         parse_overrides(["oops"])
@@ -45,3 +46,101 @@ def test_compare_reuses_a_run_only_when_its_config_is_the_same():
     assert not _same_config(stored, load_config(None, ["model.name=dreamrec", "train.max_steps=50",
                                                        "model.guidance_ce_weight=1.0"]))
     assert not _same_config({"model": {"retired_field": 1}}, cfg) and not _same_config(None, cfg)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.max_steps=abc", "config field 'train.max_steps' expects int, got 'abc' (str)"),
+    ("train.max_steps=1.5", "config field 'train.max_steps' expects int, got 1.5 (float)"),
+    ("train.max_steps=true", "config field 'train.max_steps' expects int, got True (bool)"),
+    ("train.max_steps=", "config field 'train.max_steps' expects int, got None (NoneType)"),
+    ("train.lr=abc", "config field 'train.lr' expects float, got 'abc' (str)"),
+    ("train.lr=false", "config field 'train.lr' expects float, got False (bool)"),
+    ("eval.mask_history=1", "config field 'eval.mask_history' expects bool, got 1 (int)"),
+    ("eval.mask_history=0", "config field 'eval.mask_history' expects bool, got 0 (int)"),
+    ("eval.mask_history=y", "config field 'eval.mask_history' expects bool, got 'y' (str)"),
+    ("eval.mask_history='yes'", "config field 'eval.mask_history' expects bool, got 'yes' (str)"),
+    ("eval.mask_history=enabled", "config field 'eval.mask_history' expects bool, got 'enabled' (str)"),
+    ("model.name=3", "config field 'model.name' expects str, got 3 (int)"),
+    ("data.max_users=abc", "config field 'data.max_users' expects int | None, got 'abc' (str)"),
+    ("data.max_users=2.5", "config field 'data.max_users' expects int | None, got 2.5 (float)"),
+    ("train.betas=[0.9]", "config field 'train.betas' expects tuple[float, float], got [0.9] (list): "
+                          "1 element, expected 2"),
+    ("train.betas=[0.9, 0.98, 0.999]", "config field 'train.betas' expects tuple[float, float]"),
+    ("train.betas=0.9", "config field 'train.betas' expects tuple[float, float], got 0.9 (float)"),
+    ("train.betas=[0.9, x]", "element 1 is 'x' (str), not float"),
+    ("eval.ks=[5, 10.5]", "config field 'eval.ks' expects tuple[int, ...], got [5, 10.5] (list): "
+                          "element 1 is 10.5 (float), not int"),
+    ("eval.ks=[5, true]", "element 1 is True (bool), not int"),
+    ("eval.ks=10", "config field 'eval.ks' expects tuple[int, ...], got 10 (int)"),
+    ("train=5", "config field 'train' is a section"),
+    ("train.max_steps.x=5", "config field 'train.max_steps' expects int, got {'x': 5} (dict)"),
+    ("train.max_steps=[1,", "override 'train.max_steps=[1,': malformed value"),
+    ("train..max_steps=1", "empty field name"),
+    ("=1", "empty field name"),
+    ("oops", "override 'oops' is not of the form key.sub=value"),
+])
+def test_overrides_of_the_wrong_type_are_rejected_naming_the_field(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    text = str(info.value)
+    assert message in text and "\n" not in text
+    assert isinstance(info.value, ValueError)  # callers catching ValueError still catch it
+
+
+@pytest.mark.parametrize("override, field, expected", [
+    ("train.lr=1", "train.lr", 1.0),  # int -> float
+    ("train.lr=1e-3", "train.lr", 0.001),  # YAML 1.1 reads 1e-3 as a string; a float field takes it
+    ("train.betas=[0.9, 1]", "train.betas", (0.9, 1.0)),  # list -> tuple, int -> float
+    ("eval.ks=[1]", "eval.ks", (1,)),
+    ("eval.ks=[]", "eval.ks", ()),
+    ("eval.mask_history=true", "eval.mask_history", True),
+    ("eval.mask_history=no", "eval.mask_history", False),  # a YAML 1.1 boolean
+    ("data.max_users=null", "data.max_users", None),
+    ("data.max_users=7", "data.max_users", 7),
+    ("checkpoint.url=s3://b/x", "checkpoint.url", "s3://b/x"),
+    ("train={max_steps: 3}", "train.max_steps", 3),
+])
+def test_well_typed_overrides_are_converted(override, field, expected):
+    cfg = load_config(None, [override])
+    section, name = field.split(".")
+    value = getattr(getattr(cfg, section), name)
+    assert value == expected and type(value) is type(expected)
+
+
+def test_yaml_files_are_type_checked_and_name_the_file(tmp_path):
+    (tmp_path / "base.yaml").write_text("train:\n  max_steps: lots\n")
+    (tmp_path / "job.yaml").write_text("base: base.yaml\nmodel:\n  dim: 32\n")
+    with pytest.raises(ConfigError, match=r"base\.yaml: config field 'train.max_steps' expects int, got 'lots'"):
+        load_config(tmp_path / "job.yaml")
+    (tmp_path / "ok.yaml").write_text("train:\n  lr: 1e-3\n  betas: [0.8, 0.9]\n")
+    cfg = load_config(tmp_path / "ok.yaml")
+    assert (cfg.train.lr, cfg.train.betas) == (0.001, (0.8, 0.9))
+    (tmp_path / "bad.yaml").write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: invalid YAML: .*line \d+"):
+        load_config(tmp_path / "bad.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(tmp_path / "list.yaml")
+    (tmp_path / "cyc.yaml").write_text("base: cyc.yaml\n")
+    with pytest.raises(ConfigError, match="config base cycle"):
+        load_config(tmp_path / "cyc.yaml")
+    with pytest.raises(ConfigError, match="config file not found: .*nonexistent.yaml") as info:
+        load_config(tmp_path / "nonexistent.yaml")
+    assert isinstance(info.value, FileNotFoundError)  # still a FileNotFoundError for older callers
+
+
+def test_stored_configs_are_type_checked():
+    import json
+
+    stored = json.loads(json.dumps(JobConfig().to_dict()))  # tuples come back as lists
+    assert config_from_dict(stored) == JobConfig()
+    assert stored_config_as_now(stored) == JobConfig().to_dict()
+    stored["train"]["max_steps"] = "300"  # a field since retyped (or a hand-edited store)
+    with pytest.raises(ConfigError, match="config field 'train.max_steps' expects int, got '300'"):
+        config_from_dict(stored)
+    assert stored_config_as_now(stored) is None
+    stored["train"]["max_steps"] = 300
+    stored["eval"]["ks"] = [5, 10, "x"]
+    assert stored_config_as_now(stored) is None
+    assert stored_config_as_now({"train": 5}) is None
+    assert stored_config_as_now({"train": {"gone": 1}}) is None
