@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from recsys_dist.config import ModelConfig
-from recsys_dist.models import MODELS, build_model
+from recsys_dist.models import MODELS, DiffuRec, build_model
 
 L, D = 12, 16
 
@@ -112,3 +112,104 @@ def test_rank_by_guidance_returns_the_guidance(name):
     assert not torch.allclose(generated.infer(hist, mask, ev), c)
     with pytest.raises(ValueError, match="rank_by"):
         _model(name, rank_by="x0")
+
+
+# DiffuRec: the official form (WHUIR/DiffuRec, the default) and the paper form ----------------
+
+@pytest.mark.parametrize("form, width", [("official", D), ("paper", 1)])
+def test_diffurec_noise_shapes_and_padding_by_form(form, width):
+    model = _model("diffurec", diffurec_form=form).eval()
+    assert model.form == form
+    noise = model.draw_noise(4, L, torch.Generator().manual_seed(1))
+    assert noise["lam"].shape == (4, L, width)
+    assert noise["t"].shape == (4,) and noise["eps"].shape == (4, D)
+    ev = model.draw_eval_noise(4, L, torch.Generator().manual_seed(2))
+    assert ev["lam"].shape == (4, model.steps, L, width)
+    assert ev["x_T"].shape == (4, D) and ev["eps"].shape == (4, model.steps, D)
+    again = model.draw_eval_noise(4, L, torch.Generator().manual_seed(2))  # from the generator only
+    assert all(torch.equal(ev[k], again[k]) for k in ev)
+    hist, mask, target = _inputs()
+    poisoned = hist + (~mask)[..., None] * torch.randn(4, L, D)  # not a constant: LN would hide one
+    q = model.query(hist, mask, target, noise)
+    assert torch.allclose(model.query(poisoned, mask, target, noise), q, atol=1e-5)
+    assert torch.allclose(model.infer(poisoned, mask, ev), model.infer(hist, mask, ev), atol=1e-5)
+
+
+def test_diffurec_official_lambda_varies_along_d_and_is_used_per_dimension():
+    model = _model("diffurec", lambda_uncertainty=0.5).eval()
+    lam = model.draw_noise(64, L, torch.Generator().manual_seed(3))["lam"]  # (64, L, D)
+    assert (lam.std(-1) > 0.1).all()  # not one scalar per item broadcast over d
+    assert abs(lam.mean().item() - 0.5) < 0.03 and abs(lam.std().item() - 0.5) < 0.03  # N(lam, lam)
+    hist, mask, target = _inputs()
+    noise = model.draw_noise(4, L, torch.Generator().manual_seed(4))
+    q = model.query(hist, mask, target, noise)
+    per_item = dict(noise, lam=noise["lam"].mean(-1, keepdim=True).expand_as(noise["lam"]))
+    assert not torch.allclose(model.query(hist, mask, target, per_item), q, atol=1e-4)
+
+
+def test_diffurec_official_normalises_history_before_the_noise_and_the_output():
+    hist, mask, target = _inputs()
+    rescaled = torch.where(mask[..., None], 3.0 * hist + 0.5, hist)  # LN(a e + b) = LN(e), per row
+    for form in ("official", "paper"):
+        model = _model("diffurec", diffurec_form=form, lambda_uncertainty=0.5).eval()
+        noise = model.draw_noise(4, L, torch.Generator().manual_seed(5))
+        q = model.query(hist, mask, target, noise)
+        same = torch.allclose(model.query(rescaled, mask, target, noise), q, atol=1e-4)
+        assert same == (form == "official"), form  # paper: the norm acts on z, after the noise
+        # the approximator's output is LayerNorm'd, no projection after it (official
+        # src/diffurec.py:321-322); the norm's affine is the identity at init
+        ev = model.draw_eval_noise(4, L, torch.Generator().manual_seed(6))
+        rows = mask.any(1) if form == "paper" else torch.ones(4, dtype=torch.bool)  # paper: an
+        # empty history zeroes z, x_t included, so its output is the constant LN bias
+        for out in (q, model.infer(hist, mask, ev)):  # infer: the t=0 step returns x0_hat itself
+            out = out[rows]
+            assert torch.allclose(out.mean(-1), torch.zeros(len(out)), atol=1e-4)
+            assert torch.allclose(out.std(-1, unbiased=False), torch.ones(len(out)), atol=1e-3)
+
+
+def test_diffurec_unknown_form_raises():
+    with pytest.raises(ValueError, match="diffurec_form"):
+        _model("diffurec", diffurec_form="Official")
+
+
+@pytest.mark.parametrize("form", ["official", "paper"])
+def test_diffurec_forms_train_on_a_tiny_problem(form):
+    torch.manual_seed(0)
+    n_items, B, steps = 30, 64, 40
+    model = _model("diffurec", diffurec_form=form, dropout=0.1, emb_dropout=0.1)
+    table = torch.nn.Embedding(n_items, D)
+    opt = torch.optim.Adam([*model.parameters(), *table.parameters()], lr=1e-2)
+    g = torch.Generator().manual_seed(1)
+    mask = torch.ones(B, L, dtype=torch.bool)
+    mask[: B // 2, : L // 2] = False  # half the histories are short
+    losses = []
+    for _ in range(steps):
+        items = torch.randint(0, n_items, (B, L), generator=g)
+        labels = (items[:, -1] + 1) % n_items  # the next item follows from the last one
+        hist = table(items) * mask[..., None]
+
+        def ce(q):
+            return torch.nn.functional.cross_entropy(q @ table.weight.t(), labels)
+
+        loss = model(hist, mask, table(labels), model.draw_noise(B, L, g), ce)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.6 * first, (form, first, last)
+
+
+def test_eval_seeds_reach_the_generative_queries() -> None:
+    """Each test eval seed draws its own per-user noise, and a diffusion model's query uses it."""
+    from recsys_dist.train.validate import eval_noise
+
+    torch.manual_seed(0)
+    model = DiffuRec(16, 1, 2, 0.0, 0.0, 8, "trunc_linear", 0.001).eval()
+    hist, mask = torch.randn(3, 5, 16), torch.ones(3, 5, dtype=torch.bool)
+    users = torch.tensor([4, 9, 11])
+    q1 = model.infer(hist, mask, eval_noise(model, users, 5, 2024))
+    q1b = model.infer(hist, mask, eval_noise(model, users, 5, 2024))
+    q2 = model.infer(hist, mask, eval_noise(model, users, 5, 2025))
+    assert torch.equal(q1, q1b)  # a seed is repeatable
+    assert (q1 - q2).abs().max() > 0  # another seed moves the query (slightly: lambda = 0.001)

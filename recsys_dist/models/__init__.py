@@ -20,7 +20,8 @@ Builder = Callable[[ModelConfig, int], SequenceRecommender]
 
 MODELS: dict[str, Builder] = {
     "diffurec": lambda c, max_len: DiffuRec(c.dim, c.num_blocks, c.num_heads, c.dropout, c.emb_dropout,
-                                            c.diffusion_steps, c.schedule, c.lambda_uncertainty),
+                                            c.diffusion_steps, c.schedule, c.lambda_uncertainty,
+                                            c.diffurec_form),
     "sasrec": lambda c, max_len: SASRec(c.dim, max_len, c.num_blocks, c.num_heads, c.dropout, c.emb_dropout),
     "gru4rec": lambda c, max_len: GRU4Rec(c.dim, c.num_layers, c.dropout, c.emb_dropout),
     "dreamrec": lambda c, max_len: DreamRec(c.dim, max_len, c.num_blocks, c.num_heads, c.dropout, c.emb_dropout,

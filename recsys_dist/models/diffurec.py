@@ -12,8 +12,36 @@ x_{s-1} = posterior mean + sqrt(posterior var) eps' (Eq. 16); x_0 is the query (
 inner product = ranking the catalog, Eq. 19).
 
 Choices where the paper is vague (see README): d_s is a sinusoidal step embedding followed by
-a 2-layer MLP; x_0 is the target embedding itself (the extra "one step of diffusion" from e to
-x_0 is skipped); lambda is one scalar per history item, also sampled at inference.
+a 2-layer MLP (Linear d->4d, SiLU, Linear 4d->d); x_0 is the target embedding itself (the extra
+"one step of diffusion" from e to x_0 is skipped); lambda is also sampled at inference, afresh at
+every reverse step. Two forms of the approximator, ``form`` (config ``model.diffurec_form``):
+
+- ``"official"`` (default) follows the authors' code, WHUIR/DiffuRec @ f6f70c9 (file:line there):
+    * history: e_i -> Dropout(emb_dropout) -> LayerNorm, *before* the noise is added
+      (src/model.py:115-120; its LayerNorm is TF-style with eps 1e-12, model.py:12-25, 36);
+      the target x_0 is the raw embedding (model.py:125);
+    * step embedding: x_s + MLP(sinusoid(s * 1000 / T)) -- the step is rescaled because
+      ``rescale_timesteps`` defaults to True (src/main.py:44; src/diffurec.py:282, 311-312,
+      443-446, 471, 509);
+    * lambda is drawn per history item *and per dimension*, shape (B, L, d), from
+      N(mean=lambda, std=lambda) (diffurec.py:316, ``torch.normal`` over ``rep_item.shape``), so
+      z = LN(e) + lambda * (x_s + d_s) elementwise (diffurec.py:320); no norm or dropout on z;
+    * the Transformer: pre-LN blocks, each block's output through Dropout(dropout)
+      (diffurec.py:252-255), no final norm inside the stack (diffurec.py:268-271); the
+      output then goes Dropout(dropout) -> LayerNorm (diffurec.py:321, the norm eps 1e-12,
+      diffurec.py:161-174, 290) and the last row is x0_hat (diffurec.py:322), with no projection:
+      it is scored by inner product against the item table (model.py:67, 77-78).
+  Kept from this project rather than the official code: padding rows are zeros and masked out
+  as attention keys (the official code masks query rows, diffurec.py:232-234, and ranks a
+  trained padding row, so its padded positions do reach the output), so LN(e_i) is zeroed at
+  padding; ``num_heads`` comes from the config (official: 4, diffurec.py:262); our FFN is
+  GELU without the official inner dropout (diffurec.py:207-210); the reverse steps use the shared
+  sampler's posterior variance (the official code uses beta_t, diffurec.py:476-477).
+- ``"paper"`` (this project's earlier form): one lambda per history item, shape (B, L, 1);
+  z = LayerNorm(Dropout(e_i + lambda_i (x_s + d_s))) at real positions, the unscaled step s in
+  the sinusoid, then the Transformer with its final LayerNorm (eps 1e-5); the last row is x0_hat.
+Both forms hold the same parameters (the official form uses ``norm`` on the history and the
+encoder's final ``ln`` as its output norm), so their state dicts are interchangeable.
 """
 
 from __future__ import annotations
@@ -24,33 +52,48 @@ from torch import nn
 from recsys_dist.diffusion import GaussianDiffusion, NoiseSchedule, timestep_embedding
 from recsys_dist.diffusion.samplers import ddpm_sample
 from recsys_dist.models.base import SequenceRecommender
-from recsys_dist.models.transformer import TransformerEncoder
+from recsys_dist.models.transformer import TransformerEncoder, attention_mask
+
+FORMS = ("official", "paper")
+OFFICIAL_LN_EPS = 1e-12  # the official TF-style LayerNorm (src/model.py:13, src/diffurec.py:162)
 
 
 class DiffuRec(SequenceRecommender):
     def __init__(self, dim: int, num_blocks: int, num_heads: int, dropout: float, emb_dropout: float,
-                 steps: int, schedule: str, lambda_uncertainty: float) -> None:
+                 steps: int, schedule: str, lambda_uncertainty: float, form: str = "official") -> None:
         super().__init__()
+        if form not in FORMS:
+            raise ValueError(f"DiffuRec form (model.diffurec_form) must be one of {FORMS}, got {form!r}")
+        self.form = form
         self.dim = dim
         self.lam = lambda_uncertainty
         self.diffusion = GaussianDiffusion(NoiseSchedule.named(schedule, steps))
         self.step_mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.SiLU(), nn.Linear(4 * dim, dim))
-        self.drop = nn.Dropout(emb_dropout)
-        self.norm = nn.LayerNorm(dim)
+        self.drop = nn.Dropout(emb_dropout)  # official: on the history embeddings; paper: on z
+        official = form == "official"
+        # official: LayerNorm of the history embeddings; paper: LayerNorm of z
+        self.norm = nn.LayerNorm(dim, eps=OFFICIAL_LN_EPS if official else 1e-5)
         self.encoder = TransformerEncoder(dim, num_blocks, num_heads, dropout, causal=False)
+        if official:
+            self.encoder.ln.eps = OFFICIAL_LN_EPS  # used as the official norm_diffu_rep
+        self.rep_drop = nn.Dropout(dropout)  # official only: after every block and before the output norm
 
     @property
     def steps(self) -> int:
         return self.diffusion.steps
 
     def _lambda(self, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+        """lambda ~ N(mean=lam, std=lam), elementwise over ``shape``."""
         return self.lam + self.lam * torch.randn(shape, generator=generator)
+
+    def _lam_width(self) -> int:
+        return self.dim if self.form == "official" else 1
 
     def draw_noise(self, batch_size, max_len, generator):
         return {
             "t": torch.randint(0, self.steps, (batch_size,), generator=generator),
             "eps": torch.randn(batch_size, self.dim, generator=generator),
-            "lam": self._lambda((batch_size, max_len, 1), generator),
+            "lam": self._lambda((batch_size, max_len, self._lam_width()), generator),
         }
 
     def draw_eval_noise(self, batch_size, max_len, generator):
@@ -58,16 +101,27 @@ class DiffuRec(SequenceRecommender):
         return {
             "x_T": torch.randn(batch_size, self.dim, generator=generator),
             "eps": torch.randn(batch_size, T, self.dim, generator=generator),
-            "lam": self._lambda((batch_size, T, max_len, 1), generator),
+            "lam": self._lambda((batch_size, T, max_len, self._lam_width()), generator),
         }
 
     def approximate(self, hist: torch.Tensor, mask: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
                     lam: torch.Tensor) -> torch.Tensor:
-        """x0_hat (B, d) from history (B, L, d), x_t (B, d), steps t (B,), lambda (B, L, 1)."""
-        d_t = self.step_mlp(timestep_embedding(t, self.dim).to(hist.dtype))
-        z = hist + lam.to(hist.dtype) * (x_t + d_t)[:, None, :]
-        z = self.norm(self.drop(z)) * mask[..., None]
-        return self.encoder(z, mask)[:, -1]
+        """x0_hat (B, d) from history (B, L, d), x_t (B, d), steps t (B,), lambda (B, L, d) for
+        the official form, (B, L, 1) for the paper form."""
+        if self.form == "paper":
+            d_t = self.step_mlp(timestep_embedding(t, self.dim).to(hist.dtype))
+            z = hist + lam.to(hist.dtype) * (x_t + d_t)[:, None, :]
+            z = self.norm(self.drop(z)) * mask[..., None]
+            return self.encoder(z, mask)[:, -1]
+        # official (module docstring): LN(drop(e)) + lambda * (x_t + d_t), blocks, drop, LN
+        s = t.float() * (1000.0 / self.steps)
+        d_t = self.step_mlp(timestep_embedding(s, self.dim).to(hist.dtype))
+        e = self.norm(self.drop(hist)) * mask[..., None]
+        x = e + lam.to(hist.dtype) * (x_t + d_t)[:, None, :]
+        attn = attention_mask(mask, causal=False)
+        for block in self.encoder.blocks:
+            x = self.rep_drop(block(x, attn))
+        return self.encoder.ln(self.rep_drop(x[:, -1]))  # row-wise ops: the last row only
 
     def query(self, hist, mask, target, noise):
         t = noise["t"]
@@ -76,7 +130,7 @@ class DiffuRec(SequenceRecommender):
 
     @torch.no_grad()
     def infer(self, hist, mask, noise):
-        lam = noise["lam"]  # (B, T, L, 1): a fresh lambda draw at every reverse step
+        lam = noise["lam"]  # (B, T, L, d | 1): a fresh lambda draw at every reverse step
         T = self.steps
 
         def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
