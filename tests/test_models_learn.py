@@ -77,15 +77,16 @@ def test_model_beats_popularity(model, shards, tmp_path):
     out = _train_two_ranks(CASES, model, shards, tmp_path)
     test, pop = out["test"], out["popularity"]
     assert test["HR@20"] >= pop["HR@20"] + 0.03 and test["HR@20"] >= 1.5 * pop["HR@20"], (model, test["HR@20"], pop["HR@20"])
-    # ties go to the target, so a collapsed model (every score equal) would score HR = 1
-    assert test["HR@50"] < 0.9, test
+    # (a collapsed model cannot pass this by ties: they count as a random order, tests/test_evaluator.py)
 
 
 @pytest.mark.slow
 @needs_data
 @pytest.mark.parametrize("model", sorted(GENERATIVE))
 def test_generative_model_trains_on_two_ranks(model, shards, tmp_path):
+    """Soundness only, stated as such: finite losses and identical all-reduced metrics on both
+    ranks (checked in _train_two_ranks). No learning claim: a loss drop is no evidence here, the
+    table can shrink under an MSE-only loss and make it fall at random-level ranking."""
     out = _train_two_ranks(GENERATIVE, model, shards, tmp_path)
     losses = out["losses"]
-    assert all(math.isfinite(v) for v in losses)
-    assert sum(losses[-2:]) < 0.9 * sum(losses[:2]), losses  # the denoising loss falls
+    assert losses and all(math.isfinite(v) for v in losses), losses

@@ -1,4 +1,10 @@
-"""Process-group set-up: backend and device chosen from the hardware, gloo on CPU, NCCL on GPU."""
+"""Process-group set-up: backend and device chosen from the hardware.
+
+The one device rule for collectives: on CPU the group is gloo; on GPU it is
+``cpu:gloo,cuda:nccl`` (:func:`process_group_backend`), so CUDA tensors (table lookups, dense
+gradients, eval scores) go through NCCL and small CPU bookkeeping tensors (batch flags, error
+flags, counters) through gloo. An NCCL-only group would reject the latter.
+"""
 
 from __future__ import annotations
 
@@ -23,6 +29,20 @@ def pick_device(requested: str = "auto") -> torch.device:
         torch.cuda.set_device(local)
         return torch.device("cuda", local)
     return torch.device(requested)
+
+
+def process_group_backend(device: torch.device) -> str:
+    """The backend string for a job on ``device``: ``gloo`` on CPU, ``cpu:gloo,cuda:nccl`` on
+    CUDA (every collective accepts CPU and CUDA tensors alike)."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+
+
+def backend_device_types(backend: str) -> set[str]:
+    """Device types a backend string serves: ``"gloo"`` -> {cpu}, ``"nccl"`` -> {cuda},
+    ``"cpu:gloo,cuda:nccl"`` -> {cpu, cuda}."""
+    if ":" not in backend:
+        return {"gloo": {"cpu"}, "nccl": {"cuda"}}.get(backend.lower(), set())
+    return {part.split(":", 1)[0].strip() for part in backend.split(",")}
 
 
 def _free_port() -> int:
@@ -57,7 +77,7 @@ def init_distributed(device: torch.device, timeout_s: float = 600.0) -> tuple[in
         if "RANK" not in os.environ:
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
                               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-        backend = "nccl" if device.type == "cuda" else "gloo"
+        backend = process_group_backend(device)
         timeout = datetime.timedelta(seconds=timeout_s)
         store = _elastic_attempt_store(timeout)
         if store is None:

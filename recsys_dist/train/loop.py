@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from recsys_dist.config import JobConfig, default_data_dir, stream_seed
+from recsys_dist.eval import collective_device
 from recsys_dist.models import build_model
 from recsys_dist.sparse import ShardedItemTable
 from recsys_dist.train.distributed import barrier, init_distributed, pick_device, seed_everything
@@ -56,14 +57,19 @@ def ensure_shards(cfg: JobConfig, rank: int) -> dict[str, Any]:
             build_job_shards(cfg)
         except Exception as exc:  # noqa: BLE001 - re-raised below on every rank
             error = exc
-    failed = torch.tensor([0 if error is None else 1])
+    failed = torch.tensor([0 if error is None else 1], device=collective_device())
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(failed, op=dist.ReduceOp.MAX)  # the others learn of it instead of timing out
     if error is not None:
         raise error
     if failed.item():
         raise RuntimeError(f"rank 0 failed to build the shards at {cfg.data.resolved_shards_url()} (see its log)")
-    return load_manifest(cfg.data.resolved_shards_url())
+    manifest = load_manifest(cfg.data.resolved_shards_url())
+    if cfg.eval.mask_history and not manifest.get("seen_sets"):
+        raise ValueError(f"eval.mask_history=true needs shards that store each user's whole seen set; those at "
+                         f"{cfg.data.resolved_shards_url()} do not (built before shards builder v2, or synthetic): "
+                         "rebuild them (python -m launcher prepare) or set eval.mask_history=false")
+    return manifest
 
 
 def make_loader(cfg: JobConfig, manifest: dict, split: str, rank: int, world: int, train: bool,
@@ -94,11 +100,30 @@ def make_loader(cfg: JobConfig, manifest: dict, split: str, rank: int, world: in
     return loader, max_batches
 
 
-def _subset(batches, max_users: int | None) -> Iterator[dict]:
-    """Keep users with id < max_users (a fixed validation subset, same on any world size)."""
+def user_subset_rank(num_ids: int, seed: int) -> torch.Tensor:
+    """(num_ids,) long: each user id's position in a seeded random order of ``0..num_ids-1``.
+
+    ``rank[u] < n`` selects a fixed random subset of ``n`` users: the same for any world size,
+    batching or worker count, and not biased to the first ids (which sort by raw id)."""
+    perm = torch.randperm(num_ids, generator=torch.Generator().manual_seed(stream_seed(seed, "eval-subset")))
+    out = torch.empty(num_ids, dtype=torch.long)
+    out[perm] = torch.arange(num_ids)
+    return out
+
+
+def _subset(batches, max_users: int | None, manifest: dict | None = None, split: str = "val",
+            seed: int = 0) -> Iterator[dict]:
+    """Keep a fixed, seeded random subset of ``max_users`` users (all users when None)."""
+    order = None
+    if max_users is not None:
+        ids = max(int(manifest.get("num_users", 0)), int(manifest["splits"][split]["num_samples"])) if manifest else 0
+        order = user_subset_rank(ids, seed) if ids else None
     for b in batches:
         if max_users is not None:
-            keep = b["user"] < max_users
+            if order is None or (b["user"].numel() and int(b["user"].max()) >= order.numel()):
+                keep = b["user"] < max_users  # ids beyond the manifest's count: first ids (old callers)
+            else:
+                keep = order[b["user"]] < max_users
             b = {k: v[keep] for k, v in b.items()}
         yield b
 
@@ -141,6 +166,9 @@ def fit(cfg: JobConfig) -> dict[str, Any]:
     model = build_model(cfg.model, cfg.data.max_len)
     table = ShardedItemTable.create(num_rows, cfg.model.dim, cfg.sparse, device, cfg.train.batch_size, cfg.train.seed)
     engine = build_engine(model, cfg.train, device)
+    # Dense init above is identical on every rank; dropout masks from here on are drawn per
+    # (seed, rank), so data-parallel ranks do not share masks (a resume restores this state).
+    torch.manual_seed(stream_seed(cfg.train.seed, "dropout", rank))
     report = RunReport(run_dir, rank)
 
     ckpt: CheckpointManager | None = None
@@ -165,7 +193,9 @@ def fit(cfg: JobConfig) -> dict[str, Any]:
         nonlocal best, last_val
         loader, _ = make_loader(cfg, manifest, "val", rank, world, False, cfg.eval.batch_size)
         t0 = time.perf_counter()
-        metrics = evaluate_model(engine.module, table, _subset(loader, cfg.eval.val_max_users), cfg.eval, cfg.data.max_len)
+        metrics = evaluate_model(engine.module, table,
+                                 _subset(loader, cfg.eval.val_max_users, manifest, "val", cfg.eval.seed),
+                                 cfg.eval, cfg.data.max_len)
         metrics["seconds"] = time.perf_counter() - t0
         report.validation(state.step, metrics)
         last_val = metrics
@@ -193,8 +223,8 @@ def fit(cfg: JobConfig) -> dict[str, Any]:
     sampler = None
     if cfg.train.loss == "sampled_softmax":
         needs_counts = cfg.train.negative_sampler == "popularity" or cfg.train.in_batch_negatives
-        sampler = NegativeSampler(num_rows, load_item_counts(cfg, manifest) if needs_counts else None,
-                                  cfg.train.negative_sampler, cfg.train.sampler_alpha)
+        counts = load_item_counts(cfg, manifest, "train_target_counts_file") if needs_counts else None
+        sampler = NegativeSampler(num_rows, counts, cfg.train.negative_sampler, cfg.train.sampler_alpha)
     reader = None  # the current epoch's ShardReader (its position goes into checkpoints)
     while state.step < cfg.train.max_steps:
         loader, steps_per_epoch = make_loader(cfg, manifest, "train", rank, world, True, cfg.train.batch_size,
@@ -236,11 +266,19 @@ def fit(cfg: JobConfig) -> dict[str, Any]:
         ckpt.load_best(engine, table, state.best_step)  # selected before a restart
     else:
         raise RuntimeError("no validation result to select a state from")
-    loader, _ = make_loader(cfg, manifest, "test", rank, world, False, cfg.eval.batch_size)
-    t0 = time.perf_counter()
-    test = evaluate_model(engine.module, table, _subset(loader, cfg.eval.test_max_users), cfg.eval, cfg.data.max_len)
-    test["seconds"] = time.perf_counter() - t0
-    log.info("test (state of step %d, selected on val %s): %s", state.best_step, cfg.eval.select_metric, _fmt(test))
+    seeds = test_seeds(engine.module, cfg)
+    per_seed = []
+    for seed in seeds:  # the selected state, tested once per eval-noise seed
+        loader, _ = make_loader(cfg, manifest, "test", rank, world, False, cfg.eval.batch_size)
+        t0 = time.perf_counter()
+        metrics = evaluate_model(engine.module, table,
+                                 _subset(loader, cfg.eval.test_max_users, manifest, "test", cfg.eval.seed),
+                                 cfg.eval, cfg.data.max_len, seed=seed)
+        metrics["seconds"] = time.perf_counter() - t0
+        per_seed.append(metrics)
+    test, test_std = mean_and_std(per_seed)
+    log.info("test (state of step %d, selected on val %s; %d eval seed(s)): %s", state.best_step,
+             cfg.eval.select_metric, len(seeds), _fmt(test))
     step, epoch, best_value = state.step, state.epoch, state.best_value
 
     popularity = popularity_metrics(cfg, manifest, rank, world)
@@ -248,12 +286,17 @@ def fit(cfg: JobConfig) -> dict[str, Any]:
         "name": cfg.name, "model": cfg.model.name, "dataset": cfg.data.dataset, "world_size": world,
         "device": str(device), "steps": step, "epochs_started": epoch,
         "selected_step": state.best_step, "select_metric": cfg.eval.select_metric, "best_val": best_value,
-        "test": test, "popularity_test": popularity, "last_val": last_val,
+        "test": test, "test_std": test_std, "test_seeds": seeds, "test_per_seed": per_seed,
+        "popularity_test": popularity, "last_val": last_val,
         "seconds_per_step": t_train / max(t_steps, 1),
         "samples_per_second": cfg.train.batch_size * world * t_steps / max(t_train, 1e-9),
-        "protocol": {"mask_history": cfg.eval.mask_history, "padding_is_candidate": False,
-                     "full_catalog": True, "ties": "items scoring strictly higher count against the target",
-                     "eval_noise_seed": cfg.eval.seed, "selection": "validation", "test_evaluated_once": True},
+        "protocol": {"mask_history": cfg.eval.mask_history,
+                     "masked": "the user's whole seen set before the target (never the target)"
+                     if cfg.eval.mask_history else "nothing",
+                     "full_catalog": True, "ties": cfg.eval.ties, "ties_meaning": TIE_MEANING[cfg.eval.ties],
+                     "eval_noise_seed": cfg.eval.seed, "test_eval_seeds": seeds,
+                     "val_users": cfg.eval.val_max_users or "all", "val_subset": "seeded random",
+                     "selection": "validation", "test_evaluated_once": True},
         "config": cfg.to_dict(),
         "loss_curve": report.losses, "validation": report.val,
     }
@@ -263,16 +306,53 @@ def fit(cfg: JobConfig) -> dict[str, Any]:
     return payload
 
 
-def load_item_counts(cfg: JobConfig, manifest: dict) -> torch.Tensor:
-    """(num_items + 1,) int64 train-split occurrences of each item (row 0 = padding = 0)."""
+TIE_MEANING = {
+    "expected": "HR/NDCG averaged exactly over a uniformly random order of the items tied with the target",
+    "optimistic": "the target wins every tie (items scoring strictly higher count against it)",
+    "pessimistic": "the target loses every tie (items scoring higher or equal count against it)",
+}
+
+
+def test_seeds(model, cfg: JobConfig) -> list[int]:
+    """Eval-noise seeds of the test: ``eval.test_seeds`` of them for a model whose inference
+    draws noise (diffusion models), one for a deterministic model."""
+    stochastic = bool(model.draw_eval_noise(1, cfg.data.max_len, torch.Generator().manual_seed(0)))
+    n = max(1, cfg.eval.test_seeds) if stochastic else 1
+    return [cfg.eval.seed + i for i in range(n)]
+
+
+def mean_and_std(runs: list[dict[str, float]]) -> tuple[dict[str, float], dict[str, float]]:
+    """Per-metric mean and sample standard deviation (0 for one run) over eval runs."""
+    import statistics
+
+    mean: dict[str, float] = {}
+    std: dict[str, float] = {}
+    for key, value in runs[0].items():
+        if key == "num_users":
+            mean[key] = value
+            continue
+        values = [float(r[key]) for r in runs]
+        mean[key] = float(statistics.fmean(values))
+        std[key] = float(statistics.stdev(values)) if len(values) > 1 else 0.0
+    return mean, std
+
+
+def load_item_counts(cfg: JobConfig, manifest: dict, key: str = "train_item_counts_file") -> torch.Tensor:
+    """(num_items + 1,) int64 per-item counts (row 0 = padding = 0): ``train_item_counts_file``,
+    every train-split occurrence (the popularity ranker's scores), or ``train_target_counts_file``,
+    how often each item is a train *target* (the arrival distribution of in-batch negatives;
+    manifests without it, e.g. synthetic shards, fall back to the occurrence counts)."""
     import io
 
     import fsspec
     import numpy as np
     from shards.reader import resolve_manifest_url, shard_url
 
+    if key not in manifest:
+        log.warning("manifest has no %s; using train_item_counts_file (occurrences, not targets)", key)
+        key = "train_item_counts_file"
     _, base = resolve_manifest_url(cfg.data.resolved_shards_url())
-    with fsspec.open(shard_url(base, manifest["train_item_counts_file"]), "rb") as f:
+    with fsspec.open(shard_url(base, manifest[key]), "rb") as f:
         return torch.as_tensor(np.load(io.BytesIO(f.read()), allow_pickle=False))
 
 
@@ -280,7 +360,8 @@ def popularity_metrics(cfg: JobConfig, manifest: dict, rank: int, world: int) ->
     """Test metrics of the popularity ranker (train-split counts) through the same evaluator."""
     counts = load_item_counts(cfg, manifest)
     loader, _ = make_loader(cfg, manifest, "test", rank, world, False, cfg.eval.batch_size)
-    return evaluate_popularity(counts, int(manifest["num_items"]) + 1, _subset(loader, cfg.eval.test_max_users),
+    return evaluate_popularity(counts, int(manifest["num_items"]) + 1,
+                               _subset(loader, cfg.eval.test_max_users, manifest, "test", cfg.eval.seed),
                                cfg.eval, rank, world)
 
 

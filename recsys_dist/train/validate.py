@@ -4,6 +4,10 @@ Each rank reads its own users (every user exactly once across ranks), computes t
 vectors (reverse diffusion for DiffuRec, seeded per user so the result does not depend on
 the world size or batch composition), and the evaluator ranks every item on the rank that
 owns it. Ranks with fewer batches keep joining the collectives with empty batches.
+
+Protocol: with ``eval.mask_history`` the candidates exclude the user's *whole* seen set (the
+batch's ``seen`` column, every earlier item however long the history), never the target; ties
+with the target follow ``eval.ties`` (default: expected rank under a random order of ties).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from recsys_dist.config import EvalConfig, stream_seed
-from recsys_dist.eval import MetricAccumulator, rank_targets
+from recsys_dist.eval import MetricAccumulator, collective_device, rank_targets
 from recsys_dist.sparse import ShardedItemTable
 from recsys_dist.train.step import embed
 
@@ -24,9 +28,11 @@ def _batches_in_step(batches: Iterable[dict]) -> Iterator[dict | None]:
     it = iter(batches)
     while True:
         batch = next(it, None)
-        flag = torch.tensor([0 if batch is None else 1])
         if dist.is_initialized() and dist.get_world_size() > 1:
+            flag = torch.tensor([0 if batch is None else 1], device=collective_device())
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        else:
+            flag = torch.tensor([0 if batch is None else 1])
         if flag.item() == 0:
             return
         yield batch
@@ -42,36 +48,47 @@ def eval_noise(model, users: torch.Tensor, max_len: int, seed: int) -> dict[str,
 
 
 def _empty_batch(max_len: int) -> dict[str, torch.Tensor]:
-    return {"history": torch.zeros(0, max_len, dtype=torch.long),
+    return {"history": torch.zeros(0, max_len, dtype=torch.long), "seen": torch.zeros(0, 0, dtype=torch.long),
             "target": torch.zeros(0, dtype=torch.long), "user": torch.zeros(0, dtype=torch.long)}
+
+
+def _seen(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The ids to mask: the whole seen set, or the history for readers that have none."""
+    return batch["seen"] if "seen" in batch else batch["history"]
 
 
 @torch.no_grad()
 def evaluate_model(model, table: ShardedItemTable, batches: Iterable[dict], cfg: EvalConfig,
-                   max_len: int, progress=None) -> dict[str, float]:
+                   max_len: int, progress=None, seed: int | None = None) -> dict[str, float]:
     """HR@K / NDCG@K of ``model`` over every user in ``batches`` (this rank's share).
 
-    batches: dicts with "history" (B, L) long, "target" (B,) long, "user" (B,) long.
+    batches: dicts with "history" (B, L) long, "target" (B,) long, "user" (B,) long and
+    (val/test) "seen" (B, S) long. seed: eval-noise seed (default ``cfg.seed``).
     Returns the same metric dict on every rank (plus "num_users").
     """
+    seed = cfg.seed if seed is None else seed
     was_training = model.training
     model.eval()
     lo, hi = table.score_block()
     block = table.rows(lo, hi, chunk=cfg.item_chunk if cfg.item_chunk > 0 else 1 << 20)
-    acc = MetricAccumulator(cfg.ks)
+    acc = MetricAccumulator(cfg.ks, cfg.ties)
     for batch in _batches_in_step(batches):
         batch = batch if batch is not None else _empty_batch(max_len)
         dense, _ = embed(table, batch["history"], None)
         dtype = next(model.parameters()).dtype  # bf16 under DeepSpeed on GPU
         noise = {k: v.to(dense.hist.device, dtype if v.is_floating_point() else v.dtype)
-                 for k, v in eval_noise(model, batch["user"], max_len, cfg.seed).items()}
+                 for k, v in eval_noise(model, batch["user"], max_len, seed).items()}
         if dense.hist.shape[0]:
             query = model.infer(dense.hist.to(dtype), dense.mask, noise).float()
         else:
             query = torch.zeros(0, table.dim, device=dense.hist.device)
+        if not bool(torch.isfinite(query).all()):
+            raise ValueError(f"evaluation: the model produced NaN/inf queries for users "
+                             f"{batch['user'][~torch.isfinite(query).all(-1).cpu()][:8].tolist()} "
+                             f"(rank {table.rank}); refusing to rank them")
         result = rank_targets(query, batch["target"].to(query.device), block.float(), lo, table.num_rows,
-                              histories=batch["history"].to(query.device), mask_history=cfg.mask_history,
-                              ks=cfg.ks, item_chunk=cfg.item_chunk)
+                              histories=_seen(batch).to(query.device), mask_history=cfg.mask_history,
+                              ks=cfg.ks, item_chunk=cfg.item_chunk, ties=cfg.ties)
         acc.update(result)
         if progress is not None:
             progress.update(int(batch["target"].shape[0]))
@@ -85,12 +102,14 @@ def evaluate_popularity(item_counts: torch.Tensor, num_rows: int, batches: Itera
     """The popularity ranker through the same evaluator: d = 1, query = 1, score = train count."""
     from recsys_dist.sparse import row_block
     lo, hi = row_block(num_rows, world, rank)
-    block = item_counts[lo:hi, None].double()
-    acc = MetricAccumulator(cfg.ks)
+    device = collective_device()  # NCCL-only groups need the counts on the GPU
+    block = item_counts[lo:hi, None].double().to(device)
+    acc = MetricAccumulator(cfg.ks, cfg.ties)
     for batch in _batches_in_step(batches):
         batch = batch if batch is not None else _empty_batch(1)
         b = batch["target"].shape[0]
-        result = rank_targets(torch.ones(b, 1, dtype=torch.float64), batch["target"], block, lo, num_rows,
-                              histories=batch["history"], mask_history=cfg.mask_history, ks=cfg.ks)
+        result = rank_targets(torch.ones(b, 1, dtype=torch.float64, device=device), batch["target"].to(device),
+                              block, lo, num_rows, histories=_seen(batch).to(device),
+                              mask_history=cfg.mask_history, ks=cfg.ks, ties=cfg.ties)
         acc.update(result)
     return acc.compute()
