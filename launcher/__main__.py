@@ -5,6 +5,7 @@ Commands:
   train     train + evaluate a job on N ranks (torchrun, the deepspeed launcher, or in-process)
   demo      the README's main job: DiffuRec and SASRec on ML-1M, 2 CPU ranks, one table
   compare   every model x dataset under one protocol -> one markdown table (and the README)
+  reproduce one reproduction table (configs/reproduce/<table>.yaml), every row over training seeds
   plan      capacity planner: TorchRec's planner shards the item table over N simulated GPUs
 """
 
@@ -15,6 +16,7 @@ import sys
 
 from launcher import commands
 from launcher import plan as plan_cli  # light: torchrec is imported only when planning
+from launcher import reproduce as reproduce_cli
 from recsys_dist.config import ConfigError
 
 
@@ -73,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--readme", action="store_true", help="also replace the table between the README's compare markers")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="applied to every job")
     p.set_defaults(func=commands.compare)
+
+    p = sub.add_parser("reproduce", help="one reproduction table: every row over training seeds",
+                       description=reproduce_cli.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    reproduce_cli.add_arguments(p)
+    p.set_defaults(func=reproduce_cli.run)
 
     p = sub.add_parser("plan", help="capacity planner: shard the item table on N simulated GPUs",
                        description=plan_cli.DESCRIPTION,

@@ -129,6 +129,10 @@ class TrainConfig:
     sampler_alpha: float = 0.75
     in_batch_negatives: bool = False  # also the global batch's targets as negatives (logQ-corrected)
     eval_every: int = 0  # validate every N steps (0: only at the end)
+    max_epochs: int = 0  # > 0: run this many epochs of the train split (train.max_steps is then ignored)
+    eval_every_epochs: int = 0  # > 0: validate every N epochs (overrides train.eval_every)
+    patience: int = 0  # > 0: early stop after N validations without a better eval.select_metric
+    objective: str = "last"  # last (the sample's target) | all_positions (causal models: every position's next item)
     log_every: int = 10
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda

@@ -155,6 +155,7 @@ def _agree(error: str | None) -> None:
 # checked separately). Any other difference -- model, data, optimizers, seeds -- is refused: resuming
 # would silently mix two experiments.
 MAY_CHANGE = ("name", "output_dir", "train.batch_size", "train.max_steps", "train.eval_every", "train.log_every",
+              "train.max_epochs", "train.eval_every_epochs", "train.patience",
               "train.device", "train.collective_timeout_s", "data.num_workers", "data.shards_url",
               "data.data_dir", "data.build_if_missing", "eval.", "checkpoint.",
               "model.guidance_w", "model.sample_steps", "model.eta", "model.rank_by")  # sampling only

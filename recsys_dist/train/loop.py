@@ -100,6 +100,26 @@ def make_loader(cfg: JobConfig, manifest: dict, split: str, rank: int, world: in
     return loader, max_batches
 
 
+def train_steps_per_epoch(cfg: JobConfig, manifest: dict, world: int) -> int:
+    """Optimizer steps in one epoch of the train split: the equal per-rank batch count."""
+    from shards import plan_batches
+
+    counts = plan_batches(manifest, "train", cfg.train.batch_size, world, max(cfg.data.num_workers, 1),
+                          drop_last=True, assignment=cfg.data.assignment)
+    if min(counts) == 0:
+        raise ValueError(f"split 'train' has too few samples for batch {cfg.train.batch_size} x {world} ranks")
+    return min(counts)
+
+
+def run_length(cfg: JobConfig, steps_per_epoch: int) -> tuple[int, int]:
+    """(total steps, validate every N steps; 0 = only at the end). Epoch-based runs
+    (``train.max_epochs > 0``) ignore ``train.max_steps``; ``train.eval_every_epochs > 0``
+    overrides ``train.eval_every``."""
+    total = cfg.train.max_epochs * steps_per_epoch if cfg.train.max_epochs > 0 else cfg.train.max_steps
+    every = cfg.train.eval_every_epochs * steps_per_epoch if cfg.train.eval_every_epochs > 0 else cfg.train.eval_every
+    return total, every
+
+
 def user_subset_rank(num_ids: int, seed: int) -> torch.Tensor:
     """(num_ids,) long: each user id's position in a seeded random order of ``0..num_ids-1``.
 
@@ -182,21 +202,36 @@ def fit(cfg: JobConfig) -> dict[str, Any]:
             saved_step = state.step
             report.losses, report.val = list(state.losses), list(state.val)
 
+    steps_per_epoch = train_steps_per_epoch(cfg, manifest, world)
+    total_steps, eval_every = run_length(cfg, steps_per_epoch)
+    log.info("%d steps per epoch (batch %d x %d ranks); run: %d steps (%s), validate every %s", steps_per_epoch,
+             cfg.train.batch_size, world, total_steps,
+             f"{cfg.train.max_epochs} epochs" if cfg.train.max_epochs > 0 else "train.max_steps",
+             f"{eval_every} steps" if eval_every else "run end",
+             )
     from tqdm import tqdm
-    bar = tqdm(total=cfg.train.max_steps, initial=state.step, desc=f"train {cfg.name}", disable=rank != 0,
+    bar = tqdm(total=total_steps, initial=state.step, desc=f"train {cfg.name}", disable=rank != 0,
                dynamic_ncols=True)
     best: Snapshot | None = None  # in memory; with checkpoints also on storage (``ckpt.save_best``)
     last_val: dict[str, float] = dict(state.val[-1][1]) if state.val else {}
     t_train, t_steps, local_steps = 0.0, 0, 0
+    # wall time spent training (not validating), carried across restarts through the val records
+    wall_before = float(last_val.get("train_seconds", 0.0))
+    t_run = time.perf_counter()
+    t_val = 0.0
+    stop_early = False
 
     def validate() -> None:
-        nonlocal best, last_val
+        nonlocal best, last_val, stop_early, t_val
         loader, _ = make_loader(cfg, manifest, "val", rank, world, False, cfg.eval.batch_size)
         t0 = time.perf_counter()
         metrics = evaluate_model(engine.module, table,
                                  _subset(loader, cfg.eval.val_max_users, manifest, "val", cfg.eval.seed),
                                  cfg.eval, cfg.data.max_len)
         metrics["seconds"] = time.perf_counter() - t0
+        t_val += metrics["seconds"]
+        metrics["epoch"] = state.step / steps_per_epoch
+        metrics["train_seconds"] = wall_before + time.perf_counter() - t_run - t_val
         report.validation(state.step, metrics)
         last_val = metrics
         value = metrics[cfg.eval.select_metric]
@@ -209,6 +244,11 @@ def fit(cfg: JobConfig) -> dict[str, Any]:
             best = Snapshot.take(state.step, engine, table)
             if ckpt is not None:
                 ckpt.save_best(engine, table, state.step, value)
+        since_best = sum(1 for s, _ in report.val if state.best_step is not None and s > state.best_step)
+        if cfg.train.patience > 0 and since_best >= cfg.train.patience:
+            stop_early = True
+            log.info("early stop at step %d: %d validations without a better %s (best %.4f at step %s)",
+                     state.step, since_best, cfg.eval.select_metric, state.best_value, state.best_step)
 
     def save_checkpoint(reader=None) -> None:
         nonlocal saved_step
@@ -226,11 +266,9 @@ def fit(cfg: JobConfig) -> dict[str, Any]:
         counts = load_item_counts(cfg, manifest, "train_target_counts_file") if needs_counts else None
         sampler = NegativeSampler(num_rows, counts, cfg.train.negative_sampler, cfg.train.sampler_alpha)
     reader = None  # the current epoch's ShardReader (its position goes into checkpoints)
-    while state.step < cfg.train.max_steps:
+    while state.step < total_steps and not stop_early:
         loader, steps_per_epoch = make_loader(cfg, manifest, "train", rank, world, True, cfg.train.batch_size,
                                               state.epoch, state.batch_in_epoch)
-        if state.epoch == 0 and state.batch_in_epoch == 0:
-            log.info("%d steps per epoch (batch %d x %d ranks)", steps_per_epoch, cfg.train.batch_size, world)
         reader = loader.dataset
         for batch in loader:
             t0 = time.perf_counter()
@@ -247,11 +285,11 @@ def fit(cfg: JobConfig) -> dict[str, Any]:
                 report.loss(state.step, loss.item())
                 bar.set_postfix(loss=f"{loss.item():.3f}", epoch=state.epoch)
             bar.update(1)
-            if cfg.train.eval_every and state.step % cfg.train.eval_every == 0 and state.step < cfg.train.max_steps:
+            if eval_every and state.step % eval_every == 0 and state.step < total_steps:
                 validate()
-            if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0 and state.step < cfg.train.max_steps:
+            if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0 and state.step < total_steps:
                 save_checkpoint(reader)
-            if state.step >= cfg.train.max_steps:
+            if state.step >= total_steps or stop_early:
                 break
         else:
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
@@ -284,7 +322,9 @@ def fit(cfg: JobConfig) -> dict[str, Any]:
     popularity = popularity_metrics(cfg, manifest, rank, world)
     payload = {
         "name": cfg.name, "model": cfg.model.name, "dataset": cfg.data.dataset, "world_size": world,
-        "device": str(device), "steps": step, "epochs_started": epoch,
+        "device": str(device), "steps": step, "epochs_started": epoch, "steps_per_epoch": steps_per_epoch,
+        "epochs": step / steps_per_epoch, "stopped_early": stop_early,
+        "train_seconds": float(report.val[-1][1].get("train_seconds", 0.0)) if report.val else 0.0,
         "selected_step": state.best_step, "select_metric": cfg.eval.select_metric, "best_val": best_value,
         "test": test, "test_std": test_std, "test_seeds": seeds, "test_per_seed": per_seed,
         "popularity_test": popularity, "last_val": last_val,

@@ -1,4 +1,5 @@
-"""Run outputs on rank 0: a readable log, TensorBoard scalars, metrics JSON and a loss PNG."""
+"""Run outputs on rank 0: a readable log, TensorBoard scalars, metrics JSON, a loss PNG and a
+learning-curve PNG (validation metric against epoch and training wall time)."""
 
 from __future__ import annotations
 
@@ -66,13 +67,15 @@ class RunReport:
                     self.writer.add_scalar(f"val/{k}", v, step)
 
     def save(self, payload: dict[str, Any]) -> None:
-        """Write metrics.json (atomically) and loss.png."""
+        """Write metrics.json (atomically), loss.png and curve.png."""
         if self.rank != 0:
             return
         tmp = self.run_dir / "metrics.json.tmp"
         tmp.write_text(json.dumps(payload, indent=2, default=str))
         os.replace(tmp, self.run_dir / "metrics.json")
         self._plot()
+        plot_learning_curves([(self.run_dir.name, self.val)], self.run_dir / "curve.png",
+                             payload.get("select_metric", "NDCG@10"))
         if self.writer is not None:
             self.writer.flush()
 
@@ -101,3 +104,32 @@ class RunReport:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def plot_learning_curves(runs: list[tuple[str, list]], path: Path, metric: str = "NDCG@10") -> None:
+    """One PNG, two panels: validation ``metric`` (%) against epoch and against training wall
+    time (minutes, validation excluded), one line per ``(label, [(step, metrics), ...])`` run.
+    Runs whose records lack ``epoch`` / ``train_seconds`` (older runs) are drawn against step."""
+    runs = [(label, val) for label, val in runs if val]
+    if not runs:
+        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    for label, val in runs:
+        y = [100 * m.get(metric, float("nan")) for _, m in val]
+        x_epoch = [m.get("epoch", s) for s, m in val]
+        x_min = [m.get("train_seconds", float("nan")) / 60 for _, m in val]
+        a1.plot(x_epoch, y, "o-", ms=3, label=label)
+        a2.plot(x_min, y, "o-", ms=3, label=label)
+    a1.set_xlabel("epoch")
+    a2.set_xlabel("training wall time (min)")
+    a1.set_ylabel(f"validation {metric} (%)")
+    a1.grid(alpha=0.3)
+    a2.grid(alpha=0.3)
+    a1.legend(fontsize=7)
+    fig.suptitle(path.stem)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

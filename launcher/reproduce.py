@@ -1,0 +1,159 @@
+"""``python -m launcher reproduce TABLE``: one reproduction table, every row over training seeds.
+
+A table is ``configs/reproduce/<TABLE>.yaml``::
+
+    seeds: [0, 1, 2]                 # training seeds (train.seed); each run is its own job
+    rows:
+      - name: diffurec               # row label and job-name part
+        config: configs/beauty_diffurec.yaml
+        overrides: [train.max_epochs=10, train.eval_every_epochs=1, train.patience=3]
+        paper: {HR@10: 7.91, NDCG@10: 4.75}     # the paper's figures (%), its own protocol
+        target: HR@10 >= 7.9                    # free text: what this row must reach
+
+Every (row, seed) runs as ``repro-<TABLE>-<row>-s<seed>`` on N local ranks (torchrun), selected on
+validation, tested once (per eval-noise seed for generative models). The table reports, per row,
+the mean and sample standard deviation over the training seeds of the test metrics, the
+popularity ranker on the same users, wall time, and the command; the curves of all runs go to
+one PNG. Outputs: ``runs/reproduce/<TABLE>.md``, ``<TABLE>.json``, ``<TABLE>_curves.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from recsys_dist.config import REPO_ROOT, ConfigError, load_config
+
+COLUMNS = ["HR@10", "NDCG@10", "HR@20", "NDCG@20"]
+
+
+@dataclass
+class Row:
+    """One row of a reproduction table (see the module docstring)."""
+
+    name: str
+    config: str
+    overrides: list[str] = field(default_factory=list)
+    paper: dict[str, float] = field(default_factory=dict)
+    target: str = ""
+
+
+@dataclass
+class Table:
+    name: str
+    seeds: list[int]
+    rows: list[Row]
+
+    @classmethod
+    def load(cls, name: str) -> "Table":
+        path = REPO_ROOT / "configs" / "reproduce" / f"{name}.yaml"
+        if not path.exists():
+            known = sorted(p.stem for p in path.parent.glob("*.yaml"))
+            raise ConfigError(f"no reproduction table {name!r}: {path} not found (known: {', '.join(known)})")
+        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            rows = [Row(**r) for r in data["rows"]]
+        except (KeyError, TypeError) as exc:
+            raise ConfigError(f"{path}: malformed table ({exc}); see launcher/reproduce.py") from None
+        return cls(name, [int(s) for s in data.get("seeds", [0, 1, 2])], rows)
+
+
+def job_overrides(table: Table, row: Row, seed: int, extra: list[str]) -> list[str]:
+    return [*row.overrides, f"train.seed={seed}", f"name=repro-{table.name}-{row.name}-s{seed}", *extra]
+
+
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarize(table: Table, results: dict[str, list[dict[str, Any]]], nproc: int, extra: list[str]) -> str:
+    """Markdown table: mean ± sd (%) over training seeds, popularity, paper, target, time."""
+    head = ("| row | " + " | ".join(COLUMNS) + " | paper | target | seeds | epochs | train min (mean) |")
+    lines = [head, "|---|" + "---:|" * len(COLUMNS) + "---|---|---:|---:|---:|"]
+    pop_done = False
+    for row in table.rows:
+        runs = results.get(row.name, [])
+        if not runs:
+            lines.append(f"| {row.name} | " + " | ".join("failed" for _ in COLUMNS) + " | | | 0 | | |")
+            continue
+        cells = []
+        for c in COLUMNS:
+            m, sd = mean_sd([r["test"][c] for r in runs])
+            cells.append(f"{100 * m:.2f} ± {100 * sd:.2f}")
+        paper = ", ".join(f"{k} {v}" for k, v in row.paper.items())
+        epochs = statistics.fmean(r.get("epochs", float("nan")) for r in runs)
+        minutes = statistics.fmean(r.get("train_seconds", 0.0) for r in runs) / 60
+        lines.append(f"| {row.name} | " + " | ".join(cells) + f" | {paper} | {row.target} | {len(runs)} | "
+                     f"{epochs:.1f} | {minutes:.1f} |")
+        if not pop_done:
+            pop = runs[0]["popularity_test"]
+            pop_row = f"| popularity | " + " | ".join(f"{100 * pop[c]:.2f}" for c in COLUMNS) + " | | | | | |"
+            pop_done = True
+    if pop_done:
+        lines.append(pop_row)
+    cmd = f"python -m launcher reproduce {table.name}" + (f" --nproc-per-node {nproc}" if nproc != 2 else "")
+    cmd += "".join(f" {o}" for o in extra)
+    lines += ["", f"Command: `{cmd}` (per row: `configs/reproduce/{table.name}.yaml`; seeds {table.seeds}). "
+                  "Metrics in %, mean ± sample sd over training seeds; full catalog, validation-selected, "
+                  "test once, ties by expected rank."]
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    from launcher.commands import run_job
+    from recsys_dist.train.report import plot_learning_curves
+
+    table = Table.load(args.table)
+    if args.seeds:
+        table.seeds = [int(s) for s in args.seeds]
+    rows = [r for r in table.rows if not args.rows or r.name in args.rows]
+    unknown = set(args.rows or []) - {r.name for r in table.rows}
+    if unknown:
+        raise ConfigError(f"table {table.name!r} has no row(s) {sorted(unknown)} (rows: {[r.name for r in table.rows]})")
+    for row in rows:  # every config loads before anything trains
+        for seed in table.seeds:
+            load_config(REPO_ROOT / row.config, job_overrides(table, row, seed, args.overrides))
+    t0 = time.perf_counter()
+    results: dict[str, list[dict[str, Any]]] = {}
+    curves = []
+    failed = 0
+    for row in rows:
+        for seed in table.seeds:
+            overrides = job_overrides(table, row, seed, args.overrides)
+            cfg = load_config(REPO_ROOT / row.config, overrides)
+            path = cfg.run_dir() / "metrics.json"
+            if not (args.reuse and path.exists()):
+                print(f"[reproduce] {table.name}: {row.name} seed {seed}", file=sys.stderr, flush=True)
+                if run_job(str(REPO_ROOT / row.config), overrides, args.nproc_per_node) != 0:
+                    print(f"[reproduce] {row.name} seed {seed} failed", file=sys.stderr)
+                    failed += 1
+                    continue
+            m = json.loads(path.read_text())
+            results.setdefault(row.name, []).append(m)
+            curves.append((f"{row.name} s{seed}", [tuple(v) for v in m["validation"]]))
+    text = summarize(Table(table.name, table.seeds, rows), results, args.nproc_per_node, args.overrides)
+    text += f" Wall time of this command: {(time.perf_counter() - t0) / 60:.1f} min."
+    out = REPO_ROOT / "runs" / "reproduce"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{table.name}.md").write_text(text + "\n")
+    (out / f"{table.name}.json").write_text(json.dumps(results, indent=1, default=str))
+    metric = load_config(REPO_ROOT / rows[0].config, rows[0].overrides).eval.select_metric
+    plot_learning_curves(curves, out / f"{table.name}_curves.png", metric)
+    print("\n" + text)
+    return 1 if failed else 0
+
+
+def add_arguments(p) -> None:
+    p.add_argument("table", help="configs/reproduce/<table>.yaml, e.g. beauty")
+    p.add_argument("--rows", nargs="+", default=None, help="only these rows")
+    p.add_argument("--seeds", nargs="+", default=None, help="training seeds (default: the table's)")
+    p.add_argument("--nproc-per-node", type=int, default=2)
+    p.add_argument("--reuse", action="store_true", help="reuse runs/<job>/metrics.json when present")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="applied to every job (after --)")
