@@ -79,6 +79,7 @@ class ModelConfig:
     schedule: str = "trunc_linear"
     lambda_uncertainty: float = 0.001  # lambda ~ N(value, value) per history item (per dimension: official)
     diffurec_form: str = "official"  # official (lambda per dim, norm before noise + after encoder) | paper
+    dreamrec_form: str = "ours"  # DreamRec: ours | official (baiyimeng/DreamRec @ f77206d: its encoder, 192->64->64 denoiser, init, CFG, DDIM grid)
     # guided denoisers (DreamRec, AREAL, DimeRec)
     p_uncond: float = 0.1  # classifier-free guidance: probability of dropping the guidance
     guidance_w: float = 2.0  # guidance strength w at sampling: (1 + w) f(c) - w f(null)

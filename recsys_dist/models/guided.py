@@ -7,7 +7,12 @@ A subclass builds its encoder and implements ``guidance(hist, mask) -> c`` (B, d
   c is replaced by a learned null vector (per-sample ``torch.where``, so every parameter
   receives a gradient every step, whatever the dropout draw).
 - Sampling: x0_guided = (1 + w) f(x_t, t, c) - w f(x_t, t, null), DDIM with ``sample_steps``
-  steps (DDPM ancestral when sample_steps = T and eta = 1).
+  steps (DDPM ancestral when sample_steps = T and eta = 1). ``w`` is ``model.guidance_w`` in
+  the convention of DreamRec's original code (YangZhengyi98/DreamRec @ 454133c, DreamRec.py:198,
+  ``--w``); the refined fork's ``cfg_scale`` s (baiyimeng/DreamRec @ f77206d, dreamrec.py:140:
+  uncond + s (cond - uncond)) is s = 1 + w, so its default s = 2 is w = 1 here.
+  A subclass may override ``cfg`` (the combination) and ``sample`` (the reverse process), as
+  DreamRec's official form does.
 - Optional guidance CE (``guidance_ce_weight`` > 0; 0, the papers' MSE-only design, by
   default): loss = MSE + weight * CE(c), the softmax CE of the target over the catalog with the
   guidance c as the query (the job's scorer: full CE or sampled softmax). It is DimeRec's L_gem
@@ -80,9 +85,17 @@ class GuidedDenoiser(SequenceRecommender):
         null = self.null.to(c.dtype).expand_as(c)
 
         def guided(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return (1 + self.w) * self.denoise(x_t, t, c) - self.w * self.denoise(x_t, t, null)
+            return self.cfg(self.denoise(x_t, t, c), self.denoise(x_t, t, null))
 
-        x_T = noise["x_T"].to(hist.dtype)
+        return self.sample(guided, noise["x_T"].to(hist.dtype), noise["eps"])
+
+    def cfg(self, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
+        """Classifier-free guidance: the guided x0 from f(x_t, t, c) and f(x_t, t, null)."""
+        return (1 + self.w) * cond - self.w * uncond
+
+    def sample(self, guided, x_T: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """x_0 (B, d) by the reverse process over ``guided(x_t, t) -> x0_hat`` from x_T (B, d),
+        with noise eps (B, sample_steps, d): DDPM when sample_steps = T and eta = 1, else DDIM."""
         if self.sample_steps == self.diffusion.steps and self.eta == 1.0:
-            return ddpm_sample(guided, self.diffusion, x_T, noise["eps"])
-        return ddim_sample(guided, self.diffusion, x_T, self.sample_steps, self.eta, noise["eps"])
+            return ddpm_sample(guided, self.diffusion, x_T, eps)
+        return ddim_sample(guided, self.diffusion, x_T, self.sample_steps, self.eta, eps)
