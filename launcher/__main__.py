@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prepare", help="build shards for the job's dataset",
                        description="Convert the raw dataset into WebDataset shards + manifest.json "
-                                   "at data.shards_url (default shards_out/<dataset>-L<max_len>).")
+                                   "at data.shards_url (default shards_out/<dataset>-L<max_len>[-p<prefixes>][-u<users>]).")
     job_args(p)
     p.set_defaults(func=commands.prepare)
 

@@ -60,7 +60,8 @@ class DataConfig:
     def resolved_shards_url(self) -> str:
         if self.shards_url:
             return self.shards_url
-        suffix = "" if self.max_users is None else f"-u{self.max_users}"
+        suffix = "" if self.train_prefixes_per_user is None else f"-p{self.train_prefixes_per_user}"
+        suffix += "" if self.max_users is None else f"-u{self.max_users}"
         return str(REPO_ROOT / "shards_out" / f"{self.dataset}-L{self.max_len}{suffix}")
 
 

@@ -12,6 +12,13 @@ real items, ``target`` (B, d) target embeddings.
   DimeRec combines both.
 - ``infer(hist, mask, noise)`` returns the query (B, d) whose inner product with every item
   row is that item's score at evaluation.
+- Causal models (SASRec, GRU4Rec) may also train on every position at once
+  (``train.objective: all_positions``, the SASRec/HSTU recipe): they set
+  ``supports_all_positions = True`` and implement ``query_all(hist, mask, noise)`` -> (B, L, d),
+  whose row i uses the items at positions <= i only and whose row L-1 equals ``query``. The
+  trainer then calls ``forward(..., all_positions=True)`` with a scorer that maps those
+  (B, L, d) queries to the mean CE of every real position's next item (position i < L-1
+  predicts history item i+1, position L-1 the sample's target).
 
 Randomness is explicit: ``draw_noise`` / ``draw_eval_noise`` draw every per-sample random
 tensor a step needs from a given generator, so the trainer can draw them for the *global*
@@ -27,13 +34,15 @@ import torch
 from torch import nn
 
 Scorer = Callable[[torch.Tensor], torch.Tensor]
-"""queries (B, d) -> scalar mean softmax CE of the batch's targets over the catalog."""
+"""queries (B, d) -> scalar mean softmax CE of the batch's targets over the catalog; under the
+all-positions objective queries (B, L, d) -> mean CE over the real positions' next items."""
 
 
 class SequenceRecommender(nn.Module):
     """Base class: training loss, inference query and their noise."""
 
     uses_scorer: bool = True  # False: the trainer skips the catalog lookup the scorer needs
+    supports_all_positions: bool = False  # True: query_all exists (train.objective: all_positions)
 
     def draw_noise(self, batch_size: int, max_len: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Per-sample random tensors for one training step, leading dim = batch_size (CPU)."""
@@ -48,9 +57,17 @@ class SequenceRecommender(nn.Module):
         """Training query (B, d) for models trained by softmax CE."""
         raise NotImplementedError
 
+    def query_all(self, hist: torch.Tensor, mask: torch.Tensor,
+                  noise: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Causal models: the query (B, L, d) at every position, row i from items <= i only;
+        row L-1 equals ``query``. Rows at padded positions are finite and never trained."""
+        raise NotImplementedError(f"{type(self).__name__} has no all-position query (not a causal model)")
+
     def forward(self, hist: torch.Tensor, mask: torch.Tensor, target: torch.Tensor,
-                noise: dict[str, torch.Tensor], scorer: Scorer) -> torch.Tensor:
-        """Training loss (scalar)."""
+                noise: dict[str, torch.Tensor], scorer: Scorer, all_positions: bool = False) -> torch.Tensor:
+        """Training loss (scalar). ``all_positions``: score every position's query (``query_all``)."""
+        if all_positions:
+            return scorer(self.query_all(hist, mask, noise))
         return scorer(self.query(hist, mask, target, noise))
 
     def infer(self, hist: torch.Tensor, mask: torch.Tensor, noise: dict[str, torch.Tensor]) -> torch.Tensor:

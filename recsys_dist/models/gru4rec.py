@@ -1,11 +1,13 @@
 """GRU4Rec (Hidasi et al., 2016) as a next-item baseline: a GRU over the history, its final
-state is the query; trained with the harness's softmax CE."""
+state is the query; trained with the harness's softmax CE, on the last position
+(``train.objective: last``) or on every step of the history at once (``all_positions``: the
+GRU output after item i, through ``out``, predicts item i+1)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from recsys_dist.models.base import SequenceRecommender
 
@@ -19,6 +21,8 @@ def left_to_right_padded(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Ten
 
 
 class GRU4Rec(SequenceRecommender):
+    supports_all_positions = True  # a recurrence: the output after item i depends on items <= i only
+
     def __init__(self, dim: int, num_layers: int, dropout: float, emb_dropout: float) -> None:
         super().__init__()
         self.drop = nn.Dropout(emb_dropout)
@@ -29,8 +33,24 @@ class GRU4Rec(SequenceRecommender):
     def query(self, hist, mask, target, noise):
         return self.infer(hist, mask, noise)
 
+    def _run(self, hist, mask):
+        """The GRU over each row's real items (moved to the front): (packed outputs, h_n, lengths)."""
+        x, lengths = left_to_right_padded(self.drop(hist) * mask[..., None], mask)
+        lengths = lengths.clamp(min=1)  # empty history: one zero step
+        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        out, h_n = self.gru(packed)
+        return out, h_n, lengths
+
     def infer(self, hist, mask, noise):
-        x, lengths = left_to_right_padded(self.drop(hist) * mask[..., None], mask)  # empty: one zero step
-        packed = pack_padded_sequence(x, lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False)
-        _, h_n = self.gru(packed)
+        _, h_n, _ = self._run(hist, mask)
         return self.out(h_n[-1])
+
+    def query_all(self, hist, mask, noise):
+        """(B, L, d): the output after each step, back at its left-padded position (row L-1 is
+        the final state, as in ``infer``; padded positions read zeros, i.e. ``out``'s bias)."""
+        L = hist.shape[1]
+        out, _, lengths = self._run(hist, mask)
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=L)  # (B, L, d), real steps first
+        # inverse of left_to_right_padded: left position i holds step (i + len) mod L
+        idx = (torch.arange(L, device=out.device)[None, :] + lengths.to(out.device)[:, None]) % L
+        return self.out(out.gather(1, idx[..., None].expand(-1, -1, out.shape[-1])))

@@ -1,6 +1,10 @@
 """SASRec (Kang & McAuley, 2018): causal self-attention over the history; the last position's
 output is the query. Trained here with full-catalog softmax CE on the next item, the same
-loss and harness as DiffuRec."""
+loss and harness as DiffuRec: on the last position only (``train.objective: last``, one
+(prefix, target) sample at a time) or, as in the paper, on every position of the history in
+one forward pass (``all_positions``: the causal encoder's output at position i predicts item
+i+1). The paper's loss is a binary CE against one sampled negative per position; the harness
+uses its softmax CE (full catalog or sampled) instead."""
 
 from __future__ import annotations
 
@@ -14,6 +18,8 @@ from recsys_dist.models.transformer import TransformerEncoder
 
 
 class SASRec(SequenceRecommender):
+    supports_all_positions = True  # causal attention: position i sees items <= i only
+
     def __init__(self, dim: int, max_len: int, num_blocks: int, num_heads: int,
                  dropout: float, emb_dropout: float) -> None:
         super().__init__()
@@ -24,13 +30,17 @@ class SASRec(SequenceRecommender):
         self.encoder = TransformerEncoder(dim, num_blocks, num_heads, dropout, causal=True)
 
     def _encode(self, hist: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, L, d): the causal encoder's output at every position."""
         L = hist.shape[1]
         x = hist * math.sqrt(self.dim) + self.pos.weight[-L:][None]
         x = self.drop(x) * mask[..., None]
-        return self.encoder(x, mask)[:, -1]
+        return self.encoder(x, mask)
 
     def query(self, hist, mask, target, noise):
+        return self._encode(hist, mask)[:, -1]
+
+    def query_all(self, hist, mask, noise):
         return self._encode(hist, mask)
 
     def infer(self, hist, mask, noise):
-        return self._encode(hist, mask)
+        return self._encode(hist, mask)[:, -1]

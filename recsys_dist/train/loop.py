@@ -24,7 +24,7 @@ from recsys_dist.train.checkpoint import CheckpointManager, TrainState
 from recsys_dist.train.engine import build_engine
 from recsys_dist.train.negatives import NegativeSampler
 from recsys_dist.train.report import RunReport, setup_logging
-from recsys_dist.train.step import train_step
+from recsys_dist.train.step import check_objective, train_step
 from recsys_dist.train.validate import evaluate_model, evaluate_popularity
 
 log = logging.getLogger("recsys_dist.train")
@@ -181,6 +181,7 @@ def fit(cfg: JobConfig) -> dict[str, Any]:
     seed_everything(cfg.train.seed)
     log.info("job %s: %s on %s, %d rank(s), device %s", cfg.name, cfg.model.name, cfg.data.dataset, world, device)
 
+    check_objective(build_model(cfg.model, cfg.data.max_len), cfg.train.objective)  # before any shard build
     manifest = ensure_shards(cfg, rank)
     num_rows = int(manifest["num_items"]) + 1
     model = build_model(cfg.model, cfg.data.max_len)
@@ -274,7 +275,7 @@ def fit(cfg: JobConfig) -> dict[str, Any]:
             t0 = time.perf_counter()
             loss = train_step(engine, table, batch["history"].to(device), batch["target"].to(device), state.step,
                               cfg.train.seed, cfg.train.loss, cfg.train.num_negatives, sampler,
-                              cfg.train.in_batch_negatives)
+                              cfg.train.in_batch_negatives, objective=cfg.train.objective)
             state.step += 1
             state.batch_in_epoch += 1
             local_steps += 1

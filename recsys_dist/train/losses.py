@@ -4,6 +4,12 @@
 queries against its own block of item rows, and the log-sum-exp is combined exactly across
 ranks (max by all-reduce MAX, sum of exponentials by a differentiable all-reduce SUM), so the
 value and the gradients equal ``F.cross_entropy`` over the gathered logits.
+
+Both losses take optional per-row ``weights``: given, they return ``sum_i w_i CE_i`` instead
+of the mean, and rows of weight 0 contribute nothing (not even a NaN). The all-positions
+objective passes each rank's real (sample, position) rows with weight ``world / global count``,
+plus weight-0 filler rows up to the largest count of any rank (the all-gather needs the same
+number of rows on every rank).
 """
 
 from __future__ import annotations
@@ -48,6 +54,14 @@ class _AllReduceSum(torch.autograd.Function):
         return grad, None
 
 
+def _reduce(ce: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Mean of the per-row CE, or its weighted sum (rows of weight 0 masked out, not multiplied)."""
+    if weights is None:
+        return ce.mean()
+    weights = weights.to(ce.dtype)
+    return torch.where(weights != 0, ce * weights, torch.zeros_like(ce)).sum()
+
+
 def _world(group: dist.ProcessGroup | None) -> tuple[int, int]:
     if not dist.is_initialized():
         return 0, 1
@@ -55,15 +69,18 @@ def _world(group: dist.ProcessGroup | None) -> tuple[int, int]:
 
 
 def sharded_softmax_ce(queries: torch.Tensor, target_logits: torch.Tensor, item_block: torch.Tensor,
-                       group: dist.ProcessGroup | None = None) -> torch.Tensor:
-    """Mean softmax CE of this rank's queries over the whole catalog.
+                       group: dist.ProcessGroup | None = None,
+                       weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean (or weighted sum) softmax CE of this rank's queries over the whole catalog.
 
     Args:
         queries: (b, d) this rank's query vectors; b must be equal on every rank.
         target_logits: (b,) q . e_target for this rank's samples (already looked up).
         item_block: (n_r, d) this rank's candidate rows (padding excluded); n_r may be 0.
+        weights: (b,) optional per-row weights (see the module docstring).
     Returns:
-        scalar: mean over this rank's b samples of logsumexp_j(q . e_j) - q . e_target.
+        scalar: mean over this rank's b samples of logsumexp_j(q . e_j) - q . e_target, or with
+        ``weights`` the sum of the weighted per-row CEs.
     """
     rank, world = _world(group)
     b = queries.shape[0]
@@ -82,12 +99,13 @@ def sharded_softmax_ce(queries: torch.Tensor, target_logits: torch.Tensor, item_
     if world > 1:
         s = _AllReduceSum.apply(s, group)
     lse = (m + torch.log(s))[rank * b:(rank + 1) * b]
-    return (lse - target_logits).mean()
+    return _reduce(lse - target_logits, weights)
 
 
 def sampled_softmax_ce(queries: torch.Tensor, target_logits: torch.Tensor, target_ids: torch.Tensor,
                        negatives: torch.Tensor, negative_ids: torch.Tensor,
-                       log_counts: torch.Tensor | None = None) -> torch.Tensor:
+                       log_counts: torch.Tensor | None = None,
+                       weights: torch.Tensor | None = None) -> torch.Tensor:
     """Sampled-softmax CE against candidates shared by the batch (for very large catalogs).
 
     Per sample, ``log(exp(t) + sum_c exp(l_c - log_counts_c)) - t`` over the candidates ``c`` that
@@ -104,8 +122,9 @@ def sampled_softmax_ce(queries: torch.Tensor, target_logits: torch.Tensor, targe
             constant that does not cancel, since the target is not corrected),
             ``NegativeSampler.candidates`` for mixed negatives. None: no correction, right only
             when every candidate occurs exactly once (e.g. the whole catalog).
+        weights: (b,) optional per-row weights (see the module docstring).
     Returns:
-        scalar mean CE over the b samples. A candidate equal to a sample's target (an
+        scalar mean CE over the b samples (with ``weights``: the sum of the weighted CEs). A candidate equal to a sample's target (an
         accidental hit) is removed from that sample's softmax.
     """
     logits = queries @ negatives.t()  # (b, n)
@@ -113,4 +132,4 @@ def sampled_softmax_ce(queries: torch.Tensor, target_logits: torch.Tensor, targe
         logits = logits - log_counts[None, :]
     logits = logits.masked_fill(negative_ids[None, :] == target_ids[:, None], float("-inf"))
     full = torch.cat([target_logits[:, None], logits], dim=1)
-    return (torch.logsumexp(full, dim=1) - target_logits).mean()
+    return _reduce(torch.logsumexp(full, dim=1) - target_logits, weights)

@@ -6,6 +6,21 @@ The path of one batch (see README "One batch"):
   -> dense query from the DeepSpeed engine (noise drawn for the global batch, sliced)
   -> sharded softmax CE (exact log-sum-exp across ranks)
   -> engine.backward: dense grads all-reduced; table rows updated by the fused optimizer.
+
+Two objectives (``train.objective``):
+- ``last``: one query per sample (the model's ``query``), scored against the sample's target;
+  the loss is the mean over the batch.
+- ``all_positions`` (causal models: SASRec, GRU4Rec): every position of the history predicts
+  its next item in the same forward pass (``query_all``, (B, L, d)). Position i < L-1 predicts
+  history[:, i+1], position L-1 the sample's target; position i is trained iff history[:, i]
+  is a real item (left padding: its next item is then real too). The targets' embeddings are
+  the history's, shifted left by one, plus the target's: no extra lookup. The loss is the mean
+  CE over the real positions of the *global* batch: each rank returns
+  ``sum of its positions' CE * world / global count`` (count all-reduced), so DeepSpeed's
+  averaging of the gradients over ranks yields exactly the global mean's gradient whatever
+  the ranks' counts are. The sharded CE all-gathers an equal number of query rows from every
+  rank: each rank scores its real positions plus weight-0 filler rows up to the largest count
+  of any rank (padding positions are otherwise not scored: short histories cost nothing).
 """
 
 from __future__ import annotations
@@ -68,17 +83,64 @@ def _all_gather_ids(ids: torch.Tensor, world: int) -> torch.Tensor:
     return torch.cat(out)
 
 
+OBJECTIVES = ("last", "all_positions")
+
+
+def check_objective(model, objective: str) -> None:
+    """Raise ValueError if ``objective`` is unknown or ``model`` cannot be trained on it."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown train.objective '{objective}' ({' | '.join(OBJECTIVES)})")
+    if objective == "all_positions" and not getattr(model, "supports_all_positions", False):
+        raise ValueError(
+            f"train.objective=all_positions needs a causal model whose every position predicts the next "
+            f"item (supports_all_positions, query_all); {type(model).__name__} is not one: use "
+            f"train.objective=last")
+
+
+def next_item_ids(history: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(B, L) the item each position predicts: history[:, i+1] for i < L-1, the target at L-1."""
+    return torch.cat([history[:, 1:], target[:, None].to(history.dtype)], dim=1)
+
+
+def _position_rows(mask: torch.Tensor, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (sample, position) rows the all-positions loss scores, and their weights.
+
+    mask (B, L): True at real positions. Returns ``rows`` (n,) indices into the flattened B*L
+    positions -- this rank's real positions, then copies of row 0 up to n = the largest count
+    of any rank (the sharded CE all-gathers an equal number of rows from every rank; padding
+    positions beyond that are not scored at all) -- and ``weights`` (n,): ``world / global
+    count`` at the real positions, 0 at the filler rows.
+    """
+    valid = mask.reshape(-1)
+    real = valid.nonzero().squeeze(1)
+    total = torch.tensor([real.numel()], dtype=torch.long, device=mask.device)
+    most = total.clone()
+    if world > 1:
+        dist.all_reduce(total)
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    n = max(int(most.item()), 1)
+    rows = torch.cat([real, real.new_zeros(n - real.numel())])
+    weights = torch.zeros(n, dtype=torch.float32, device=mask.device)
+    weights[:real.numel()] = world / max(int(total.item()), 1)
+    return rows, weights
+
+
 def train_step(engine, table: ShardedItemTable, history: torch.Tensor, target: torch.Tensor,
                step: int, seed: int, loss_name: str = "full_ce", num_negatives: int = 1024,
-               sampler: NegativeSampler | None = None, in_batch_negatives: bool = False) -> torch.Tensor:
+               sampler: NegativeSampler | None = None, in_batch_negatives: bool = False,
+               objective: str = "last") -> torch.Tensor:
     """Forward, backward and update for one batch; returns the global mean loss (detached).
 
     history: (B, L) long, 0 = pad, left-padded; target: (B,) long item ids. B equal on all ranks.
     loss_name: ``full_ce`` (softmax over every item, exact across shards) or
     ``sampled_softmax``: ``num_negatives`` ids from ``sampler`` (uniform if None) shared by the
     global batch, plus (``in_batch_negatives``) the global batch's targets, logQ-corrected.
+    objective: ``last`` or ``all_positions`` (see the module docstring); the returned loss is
+    the mean over the global batch's samples, or over its real positions.
     """
     model = engine.module
+    check_objective(model, objective)
+    all_positions = objective == "all_positions"
     rank, world = table.rank, table.world_size
     log_counts = None  # (n,) log expected count of each candidate (logQ correction)
     if not getattr(model, "uses_scorer", True):
@@ -97,19 +159,31 @@ def train_step(engine, table: ShardedItemTable, history: torch.Tensor, target: t
     batch, (block,) = embed(table, history, target, [candidates])
     noise = step_noise(model, step, seed, history.shape[0], history.shape[1], rank, world, batch.hist.device)
     engine.train()
-    target_ids = target.to(batch.target.device)
+    weights = None  # per-row loss weights (all positions)
+    if all_positions:
+        rows, weights = _position_rows(batch.mask, world)
+        B, L = history.shape
+        target_ids = next_item_ids(history, target).reshape(B * L).to(rows.device)[rows]
+        target_emb = torch.cat([batch.hist[:, 1:], batch.target[:, None]], dim=1).reshape(B * L, table.dim)[rows]
+    else:
+        target_ids = target.to(batch.target.device)
+        target_emb = batch.target
 
     def scorer(query: torch.Tensor) -> torch.Tensor:
-        """Mean softmax CE of this rank's targets for queries (B, d)."""
+        """Softmax CE of this rank's targets for queries (B, d): their mean; under all positions
+        queries (B, L, d): this rank's share of the global mean over real positions."""
         query = query.float()
-        target_logits = (query * batch.target.float()).sum(-1)
+        if all_positions:
+            query = query.reshape(B * L, query.shape[-1])[rows]
+        target_logits = (query * target_emb.float()).sum(-1)
         if loss_name == "full_ce":
-            return sharded_softmax_ce(query, target_logits, block.float())
+            return sharded_softmax_ce(query, target_logits, block.float(), weights=weights)
         return sampled_softmax_ce(query, target_logits, target_ids, block.float(), candidates.to(query.device),
-                                  None if log_counts is None else log_counts.to(query.device))
+                                  None if log_counts is None else log_counts.to(query.device), weights=weights)
 
     dtype = next(model.parameters()).dtype  # bf16 under DeepSpeed on GPU
-    loss = engine(batch.hist.to(dtype), batch.mask, batch.target.to(dtype), noise, scorer).float()
+    kwargs = {"all_positions": True} if all_positions else {}
+    loss = engine(batch.hist.to(dtype), batch.mask, batch.target.to(dtype), noise, scorer, **kwargs).float()
     reduced = loss.detach().clone()
     if world > 1:
         dist.all_reduce(reduced)
