@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from distributed_harness import run_distributed
+from model_checks import left_padded_batches
 from recsys_dist.config import ModelConfig
 from recsys_dist.models import build_model
 
@@ -124,14 +125,7 @@ TABLE_LR, DENSE_LR = 0.5, 0.1
 
 
 def _batches():
-    g = torch.Generator().manual_seed(11)
-    out = []
-    for _ in range(STEPS):
-        hist = torch.randint(1, ROWS, (GLOBAL_B, L), generator=g)
-        lengths = torch.randint(1, L + 1, (GLOBAL_B,), generator=g)
-        hist[torch.arange(L)[None, :] < (L - lengths)[:, None]] = 0  # left padding
-        out.append((hist, torch.randint(1, ROWS, (GLOBAL_B,), generator=g)))
-    return out
+    return left_padded_batches(11, STEPS, GLOBAL_B, ROWS, L)
 
 
 def _reference(model, table0: torch.Tensor, hist: torch.Tensor, target: torch.Tensor):

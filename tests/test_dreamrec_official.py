@@ -8,6 +8,7 @@ import torch
 from recsys_dist.config import REPO_ROOT, ModelConfig, load_config
 from recsys_dist.models import build_model
 from recsys_dist.models.dreamrec import DreamRec
+from model_checks import assert_padding_is_ignored, dense_inputs, train_tiny_next_item
 
 L, D = 12, 16
 ZHIHU = REPO_ROOT / "configs" / "zhihu_dreamrec.yaml"
@@ -20,13 +21,7 @@ def _official(dim=D, max_len=L, num_blocks=2, num_heads=1, dropout=0.0, emb_drop
 
 
 def _inputs(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    hist = torch.randn(4, L, D, generator=g)
-    mask = torch.zeros(4, L, dtype=torch.bool)
-    mask[0, -1:] = True
-    mask[1, -5:] = True
-    mask[2] = True  # row 3: empty history (first interaction of a Zhihu session)
-    return hist * mask[..., None], mask, torch.randn(4, D, generator=g)
+    return dense_inputs(L, D, seed)
 
 
 def _stub_denoiser(model, cond_out, uncond_out, seen_t=None):
@@ -110,16 +105,7 @@ def test_official_parameter_shapes_match_the_official_widths():
 def test_official_padding_never_changes_the_output():
     model = _official().eval()
     hist, mask, target = _inputs()
-    noise = model.draw_noise(4, L, torch.Generator().manual_seed(1))
-    loss = model(hist, mask, target, noise, None)
-    assert loss.dim() == 0 and torch.isfinite(loss)
-    poisoned = hist + (~mask)[..., None] * 100.0  # garbage in padded positions changes nothing
-    assert torch.allclose(model(poisoned, mask, target, noise, None), loss, atol=1e-5)
-    ev = model.draw_eval_noise(4, L, torch.Generator().manual_seed(2))
-    q = model.infer(hist, mask, ev)
-    assert q.shape == (4, D) and torch.isfinite(q).all()
-    assert torch.allclose(model.infer(poisoned, mask, ev), q, atol=1e-5)
-    assert torch.equal(model.infer(hist, mask, ev), q)  # same noise -> same inference
+    assert_padding_is_ignored(model, hist, mask, target, None, D)
     # positions count from the oldest item (sasrec.py:109-112): more left padding changes nothing
     c = model.guidance(hist, mask)
     short = model.guidance(hist[:, -8:], mask[:, -8:])
@@ -148,23 +134,15 @@ def test_official_trains_on_a_tiny_problem():
     torch.nn.init.normal_(table.weight)  # N(0, 1) rows (dreamrec.py:94-95)
     # the official recipe: AdamW over every parameter, the table included (run_dreamrec.py:66-68)
     opt = torch.optim.AdamW([*model.parameters(), *table.parameters()], lr=1e-2, weight_decay=0.0)
-    g = torch.Generator().manual_seed(1)
-    mask = torch.ones(B, L, dtype=torch.bool)
-    mask[: B // 2, : L // 2] = False  # half the histories are short
-    losses = []
-    for _ in range(steps):
-        items = torch.randint(0, n_items, (B, L), generator=g)
-        labels = (items[:, -1] + 1) % n_items  # the next item follows from the last one
-        loss = model(table(items) * mask[..., None], mask, table(labels), model.draw_noise(B, L, g), None)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_tiny_next_item(
+        model, table, opt, lambda m, hist, mask, target, labels, g: m(hist, mask, target, m.draw_noise(B, L, g), None),
+        steps, B, L)
     assert all(torch.isfinite(torch.tensor(losses)))
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.6 * first, (first, last)
     model.eval()
-    q = model.infer(table(items) * mask[..., None], mask, model.draw_eval_noise(B, L, g))
+    hist, mask, _ = _inputs()
+    q = model.infer(hist, mask, model.draw_eval_noise(4, L, torch.Generator().manual_seed(3)))
     assert torch.isfinite(q).all()
 
 

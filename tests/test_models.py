@@ -5,19 +5,14 @@ import pytest
 import torch
 
 from recsys_dist.config import ModelConfig
+from model_checks import assert_padding_is_ignored, dense_inputs, train_tiny_next_item
 from recsys_dist.models import MODELS, DiffuRec, build_model
 
 L, D = 12, 16
 
 
 def _inputs(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    hist = torch.randn(4, L, D, generator=g)
-    mask = torch.zeros(4, L, dtype=torch.bool)
-    mask[0, -1:] = True
-    mask[1, -5:] = True
-    mask[2] = True  # row 3: empty history (first interaction of a Zhihu session)
-    return hist * mask[..., None], mask, torch.randn(4, D, generator=g)
+    return dense_inputs(L, D, seed)
 
 
 def _model(name, **kw):
@@ -35,16 +30,7 @@ def test_shapes_and_padding_is_ignored(name):
     model = _model(name)
     model.eval()
     hist, mask, target = _inputs()
-    noise = model.draw_noise(4, L, torch.Generator().manual_seed(1))
-    loss = model(hist, mask, target, noise, _scorer)
-    assert loss.dim() == 0 and torch.isfinite(loss)
-    poisoned = hist + (~mask)[..., None] * 100.0  # garbage in padded positions changes nothing
-    assert torch.allclose(model(poisoned, mask, target, noise, _scorer), loss, atol=1e-5)
-    ev = model.draw_eval_noise(4, L, torch.Generator().manual_seed(2))
-    q = model.infer(hist, mask, ev)
-    assert q.shape == (4, D) and torch.isfinite(q).all()
-    assert torch.allclose(model.infer(poisoned, mask, ev), q, atol=1e-5)
-    assert torch.equal(model.infer(hist, mask, ev), q)  # same noise -> same inference
+    assert_padding_is_ignored(model, hist, mask, target, _scorer, D)
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -179,23 +165,13 @@ def test_diffurec_forms_train_on_a_tiny_problem(form):
     model = _model("diffurec", diffurec_form=form, dropout=0.1, emb_dropout=0.1)
     table = torch.nn.Embedding(n_items, D)
     opt = torch.optim.Adam([*model.parameters(), *table.parameters()], lr=1e-2)
-    g = torch.Generator().manual_seed(1)
-    mask = torch.ones(B, L, dtype=torch.bool)
-    mask[: B // 2, : L // 2] = False  # half the histories are short
-    losses = []
-    for _ in range(steps):
-        items = torch.randint(0, n_items, (B, L), generator=g)
-        labels = (items[:, -1] + 1) % n_items  # the next item follows from the last one
-        hist = table(items) * mask[..., None]
 
+    def loss_fn(model, hist, mask, target, labels, g):
         def ce(q):
             return torch.nn.functional.cross_entropy(q @ table.weight.t(), labels)
+        return model(hist, mask, target, model.draw_noise(B, L, g), ce)
 
-        loss = model(hist, mask, table(labels), model.draw_noise(B, L, g), ce)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_tiny_next_item(model, table, opt, loss_fn, steps, B, L)
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.6 * first, (form, first, last)
 

@@ -15,19 +15,13 @@ import pytest
 import torch
 
 from distributed_harness import run_distributed
+from model_checks import left_padded_batches
 
 ROWS, DIM, L, GLOBAL_B, STEPS = 301, 16, 10, 16, 20
 
 
 def _batches():
-    g = torch.Generator().manual_seed(3)
-    out = []
-    for _ in range(STEPS):
-        hist = torch.randint(1, ROWS, (GLOBAL_B, L), generator=g)
-        lengths = torch.randint(1, L + 1, (GLOBAL_B,), generator=g)
-        hist[torch.arange(L)[None, :] < (L - lengths)[:, None]] = 0  # left padding
-        out.append((hist, torch.randint(1, ROWS, (GLOBAL_B,), generator=g)))
-    return out
+    return left_padded_batches(3, STEPS, GLOBAL_B, ROWS, L)
 
 
 def _train(model_name: str, sharding: str, steps: int, optimizer: str = "adam"):
