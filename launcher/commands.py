@@ -8,7 +8,6 @@ import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from recsys_dist.config import REPO_ROOT, load_config, stored_config_as_now
 

@@ -24,7 +24,6 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -94,7 +93,7 @@ def summarize(table: Table, results: dict[str, list[dict[str, Any]]], nproc: int
                      f"{epochs:.1f} | {minutes:.1f} |")
         if not pop_done:
             pop = runs[0]["popularity_test"]
-            pop_row = f"| popularity | " + " | ".join(f"{100 * pop[c]:.2f}" for c in COLUMNS) + " | | | | | |"
+            pop_row = "| popularity | " + " | ".join(f"{100 * pop[c]:.2f}" for c in COLUMNS) + " | | | | | |"
             pop_done = True
     if pop_done:
         lines.append(pop_row)

@@ -7,6 +7,9 @@
   optional top-k lists); also the popularity baseline via ``d = 1``.
 * :mod:`~recsys_dist.eval.metrics` - HR@K / NDCG@K from integer rank histograms and
   :class:`MetricAccumulator`, which all-reduces once at the end of an evaluation.
+* :mod:`~recsys_dist.eval.multi` - :func:`rank_target_sets`, several held-out targets per user
+  (DiffRec-style: Recall / NDCG / HR / Precision / MRR @K over all unmasked items, the same
+  tie rules, exact sums) and :class:`MultiMetricAccumulator`.
 
 Only ``torch`` and ``torch.distributed`` are used; item blocks are plain dense tensors.
 """
@@ -21,6 +24,15 @@ from recsys_dist.eval.metrics import (
     per_user_metrics,
     rank_histogram,
 )
+from recsys_dist.eval.multi import (
+    MultiMetricAccumulator,
+    MultiRankResult,
+    multi_metric_names,
+    multi_metric_sums,
+    multi_metrics_from_sums,
+    per_user_multi_metrics,
+    rank_target_sets,
+)
 from recsys_dist.eval.partition import (
     block_size,
     collective_device,
@@ -34,6 +46,8 @@ from recsys_dist.eval.ranking import RankResult, popularity_block, rank_targets
 __all__ = [
     "TIE_RULES",
     "MetricAccumulator",
+    "MultiMetricAccumulator",
+    "MultiRankResult",
     "check_ties",
     "RankResult",
     "block_size",
@@ -43,10 +57,15 @@ __all__ = [
     "metric_names",
     "metric_sums_from_histogram",
     "metrics_from_histogram",
+    "multi_metric_names",
+    "multi_metric_sums",
+    "multi_metrics_from_sums",
     "owner_of",
     "per_user_metrics",
+    "per_user_multi_metrics",
     "popularity_block",
     "rank_histogram",
+    "rank_target_sets",
     "rank_targets",
     "row_partition",
 ]

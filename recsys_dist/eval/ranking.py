@@ -369,6 +369,29 @@ def _problem_kinds(problems: list[str]) -> int:
     return bits
 
 
+def _exchange_headers(header: torch.Tensor, problems: list[str], world: int, group: dist.ProcessGroup | None,
+                      num_rows: int, who: str) -> torch.Tensor:
+    """All-gather every rank's header (CPU ``(world, len)`` result) and raise the same
+    ``ValueError`` on every rank if any rank's inputs are invalid (naming the ranks and the kind
+    of problem) or the ranks disagree (:func:`_check_headers`)."""
+    if world > 1:
+        headers = torch.stack(_all_gather_same(header, world, group)).cpu()
+    else:
+        headers = header.cpu().unsqueeze(0)
+    bad_ranks = [r for r in range(world) if headers[r, _H_OK] == 0]
+    if bad_ranks:
+        kinds = "; ".join(
+            f"rank {r}: " + ", ".join(n for i, n in enumerate(_KIND_NAMES) if int(headers[r, _H_KINDS]) >> i & 1)
+            for r in bad_ranks
+        )
+        mine = ("; this rank: " + "; ".join(problems)) if problems else ""
+        raise ValueError(f"{who}: invalid inputs on rank(s) {bad_ranks} ({kinds}){mine}")
+    problems = _check_headers(headers, num_rows)
+    if problems:
+        raise ValueError(f"{who}: " + "; ".join(problems))
+    return headers
+
+
 def _check_headers(headers: torch.Tensor, num_rows: int) -> list[str]:
     """Cross-rank consistency problems in the gathered ``(world, _HEADER_LEN)`` headers."""
     problems: list[str] = []
@@ -515,21 +538,7 @@ def rank_targets(
         dtype=torch.long,
         device=device,
     )
-    if world > 1:
-        headers = torch.stack(_all_gather_same(header, world, group)).cpu()
-    else:
-        headers = header.cpu().unsqueeze(0)
-    bad_ranks = [r for r in range(world) if headers[r, _H_OK] == 0]
-    if bad_ranks:
-        kinds = "; ".join(
-            f"rank {r}: " + ", ".join(n for i, n in enumerate(_KIND_NAMES) if int(headers[r, _H_KINDS]) >> i & 1)
-            for r in bad_ranks
-        )
-        mine = ("; this rank: " + "; ".join(problems)) if problems else ""
-        raise ValueError(f"rank_targets: invalid inputs on rank(s) {bad_ranks} ({kinds}){mine}")
-    problems = _check_headers(headers, num_rows)
-    if problems:
-        raise ValueError("rank_targets: " + "; ".join(problems))
+    headers = _exchange_headers(header, problems, world, group, num_rows, "rank_targets")
 
     sizes = [int(s) for s in headers[:, _H_B].tolist()]
     total = sum(sizes)
