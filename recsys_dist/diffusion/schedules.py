@@ -103,3 +103,41 @@ class NoiseSchedule:
     @property
     def alpha_bar_prev(self) -> torch.Tensor:
         return torch.cat([torch.ones(1, dtype=torch.float64), self.alpha_bar[:-1]])
+
+
+def diffrec_betas(steps: int, noise_scale: float, noise_min: float, noise_max: float,
+                  kind: str = "linear-var", beta_fixed: bool = False, max_beta: float = 0.999) -> torch.Tensor:
+    """DiffRec's schedules (YiyanXu/DiffRec @ d35a6c6, DiffRec/models/gaussian_diffusion.py).
+
+    Not in ``SCHEDULES``: it takes the three noise arguments besides ``steps``.
+
+    - ``"linear-var"`` (the one every official recipe uses, :45-51, :301-307): the *variance*
+      1 - alphabar_t is linear, linspace(noise_scale * noise_min, noise_scale * noise_max, T);
+      beta_1 = that first variance, beta_t = min(1 - alphabar_t / alphabar_{t-1}, max_beta).
+    - ``"linear"`` (:48-49): beta_t itself = linspace(noise_scale * noise_min, noise_scale * noise_max, T).
+    - ``beta_fixed`` (:30-31; default True in DiffRec/ and T-DiffRec/, False in L-DiffRec/ and
+      LT-DiffRec/): beta_1 is then overwritten with 1e-5 after the schedule is built.
+
+    The scale keeps alphabar_T close to 1 (ml-1m_clean: 1 - alphabar_T = 5e-5): DiffRec never
+    corrupts a user's interactions to pure noise.
+    """
+    if steps < 1:
+        raise ValueError(f"diffusion steps must be >= 1, got {steps}")
+    if noise_scale <= 0:
+        raise ValueError(f"noise_scale must be > 0, got {noise_scale}")
+    start, end = noise_scale * noise_min, noise_scale * noise_max
+    grid = torch.linspace(start, end, steps, dtype=torch.float64)
+    if kind == "linear":
+        betas = grid
+    elif kind == "linear-var":
+        abar = 1.0 - grid
+        betas = torch.empty(steps, dtype=torch.float64)
+        betas[0] = 1.0 - abar[0]
+        betas[1:] = (1.0 - abar[1:] / abar[:-1]).clamp(max=max_beta)
+    else:
+        raise ValueError(f"unknown DiffRec noise schedule '{kind}' (known: linear, linear-var)")
+    if beta_fixed:
+        betas[0] = 1e-5
+    if not ((betas > 0).all() and (betas <= 1).all()):
+        raise ValueError(f"DiffRec betas out of (0, 1]: scale {noise_scale}, min {noise_min}, max {noise_max}")
+    return betas
