@@ -105,8 +105,10 @@ class ModelConfig:
 class SparseConfig:
     """The TorchRec item table: sharding and its fused (in-backward) optimizer."""
 
-    sharding: str = "row_wise"  # row_wise | table_wise | column_wise
-    optimizer: str = "rowwise_adagrad"  # rowwise_adagrad | sgd
+    sharding: str = "row_wise"  # row_wise | table_wise | column_wise | data_parallel (replicated, dense kernel: small catalogs)
+    optimizer: str = "rowwise_adagrad"  # rowwise_adagrad | sgd | adamw (adamw: data_parallel only)
+    betas: tuple[float, float] = (0.9, 0.999)  # adamw (data_parallel)
+    weight_decay: float = 0.0  # adamw's decoupled weight decay (data_parallel); must be 0 otherwise
     lr: float = 0.05
     eps: float = 1e-8
     init_std: float = 0.02  # rows ~ N(0, init_std^2), row 0 (padding) = 0

@@ -4,7 +4,9 @@ Layout under ``checkpoint.url`` (default ``<output_dir>/<name>/checkpoints``)::
 
     step-00000040/
       table/             DCP (torch.distributed.checkpoint): the sharded item table and its
-                         fused optimizer state, as ShardedTensors -- loads on any world size
+                         fused optimizer state, as ShardedTensors -- loads on any world size;
+                         a replicated (data_parallel) table: its weights and its AdamW /
+                         RowWiseAdagrad state as plain tensors, written once (DCP dedups them)
       dense/dense/       DeepSpeed engine checkpoint (module, ZeRO-partitioned optimizer, step)
       rank-00000.pt      per rank: torch RNG states (tensors only)
       checkpoint.json    written LAST, by rank 0, after every rank has finished writing: step,
@@ -284,7 +286,7 @@ class CheckpointManager:
         _barrier()
         error = None
         try:
-            dcp.save({"table": table.dmp.state_dict(), "table_optim": table.dmp.fused_optimizer.state_dict()},
+            dcp.save({"table": table.dmp.state_dict(), "table_optim": table.optimizer_state_dict()},
                      checkpoint_id=_join(ckpt, "table"))
             self._save_dense(engine, ckpt)
             self._save_rng(ckpt)
@@ -360,9 +362,9 @@ class CheckpointManager:
             error = str(exc)
         _agree(error)
         t0 = time.perf_counter()
-        sd = {"table": table.dmp.state_dict(), "table_optim": table.dmp.fused_optimizer.state_dict()}
-        dcp.load(sd, checkpoint_id=_join(ckpt_url, "table"))
-        table.dmp.fused_optimizer.load_state_dict(sd["table_optim"])
+        sd = {"table": table.dmp.state_dict(), "table_optim": table.optimizer_state_dict()}
+        dcp.load(sd, checkpoint_id=_join(ckpt_url, "table"))  # in place into the weights and optimizer state
+        table.load_optimizer_state_dict(sd["table_optim"])
         self._load_dense(engine, ckpt_url, meta["world_size"])
         self._load_rng(ckpt_url, meta)
         log.info("resumed from %s (step %d, written by %d rank(s)) in %.1fs", ckpt_url, meta["step"],

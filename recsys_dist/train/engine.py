@@ -2,7 +2,10 @@
 
 Only the dense module goes to ``deepspeed.initialize``; the TorchRec table stays a separate
 object (DeepSpeed broadcasts the parameters it is given from rank 0, which would overwrite
-every other rank's table shard with rank 0's rows).
+every other rank's table shard with rank 0's rows). The replicated table
+(``sparse.sharding=data_parallel``) stays outside too: TorchRec's DDP already averages its
+gradient over ranks, and its own optimizer steps it (``ShardedItemTable.step_optimizer``), so
+DeepSpeed's gradient clipping and bf16 cover the dense parameters only, as for a sharded table.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ def deepspeed_config(cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
     """ZeRO stage from config; bf16 on GPU, fp32 on CPU; clipping covers dense params only."""
     return {
         "train_micro_batch_size_per_gpu": cfg.batch_size,
-        "gradient_accumulation_steps": 1,  # the fused table update has no accumulation
+        "gradient_accumulation_steps": 1,  # the table updates every batch (fused, or step_optimizer)
         "gradient_clipping": cfg.grad_clip,
         "zero_optimization": {"stage": cfg.zero_stage},
         "zero_allow_untested_optimizer": True,  # torch SGD under ZeRO 1/2 (tested here)

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from recsys_dist.config import JobConfig, default_data_dir, stream_seed
 from recsys_dist.eval import collective_device
 from recsys_dist.models import build_model
-from recsys_dist.sparse import ShardedItemTable
+from recsys_dist.sparse import ShardedItemTable, check_sparse_config
 from recsys_dist.train.distributed import barrier, init_distributed, pick_device, seed_everything
 from recsys_dist.train.checkpoint import CheckpointManager, TrainState
 from recsys_dist.train.engine import build_engine
@@ -182,6 +182,7 @@ def fit(cfg: JobConfig) -> dict[str, Any]:
     log.info("job %s: %s on %s, %d rank(s), device %s", cfg.name, cfg.model.name, cfg.data.dataset, world, device)
 
     check_objective(build_model(cfg.model, cfg.data.max_len), cfg.train.objective)  # before any shard build
+    check_sparse_config(cfg.sparse)  # e.g. adamw needs data_parallel
     manifest = ensure_shards(cfg, rank)
     num_rows = int(manifest["num_items"]) + 1
     model = build_model(cfg.model, cfg.data.max_len)

@@ -194,4 +194,5 @@ def train_step(engine, table: ShardedItemTable, history: torch.Tensor, target: t
             f"batch targets {target[:8].tolist()}...); stopped before this step's update")
     engine.backward(loss)
     engine.step()
+    table.step_optimizer()  # replicated table: its optimizer step on the DDP-averaged gradient; no-op when fused
     return reduced
