@@ -21,7 +21,7 @@ What differs from running ``python run_dreamrec.py --data zhihu`` (dreamrec.py, 
 utils.py are used unmodified):
 
 - data: no pickle is loaded. ``run_dreamrec.py:46-55`` reads ``data/zhihu/*.df`` with
-  ``pd.read_pickle``; here the same rows come from the plain conversions in
+  pandas' pickle reader; here the same rows come from the plain conversions in
   ``../shared/datasets/zhihu/raw/dreamrec/`` (``*_data.tsv.gz``: seq, len_seq, next, in the
   pickles' row order; ``data_statis.json``) and are handed to the official ``RecDataset`` as an
   object with the ``to_numpy()`` it calls. pandas is not needed: while ``run_dreamrec`` is
@@ -119,7 +119,7 @@ class Frame:
 @contextlib.contextmanager
 def pandas_stub():
     """``import pandas`` yields a stub while the official run script is imported (it only needs
-    pandas for ``pd.read_pickle`` in its ``__main__``, which is never run)."""
+    pandas for its pickle reader in its ``__main__``, which is never run)."""
     saved = sys.modules.get("pandas")
     stub = types.ModuleType("pandas")
 
