@@ -118,6 +118,7 @@ from recsys_dist.eval.ranking import (
     _HEADER_LEN,
     DEFAULT_SCORE_CACHE_BYTES,
     _all_gather_rows,
+    _begin_call,
     _exchange_headers,
     _positions_mask,
     _problem_kinds,
@@ -642,12 +643,7 @@ def rank_target_sets(
         RuntimeError: on every rank, if a recomputed score chunk did not reproduce the target
             scores bit-for-bit.
     """
-    ks = check_ks(ks)
-    ties = check_ties(ties)
-    max_k = max(ks, default=0)
-    rank, world = group_rank_and_size(group)
-    if world > 1 and group is not None and rank < 0:
-        raise ValueError("this process is not a member of `group`")
+    ks, ties, max_k, rank, world = _begin_call(ks, ties, group)
     device = item_block.device
 
     # ---- normalise an empty batch (b_r = 0) ------------------------------------------------

@@ -369,6 +369,17 @@ def _problem_kinds(problems: list[str]) -> int:
     return bits
 
 
+def _begin_call(ks: Sequence[int], ties: str, group: dist.ProcessGroup | None
+                ) -> tuple[tuple[int, ...], str, int, int, int]:
+    """The checks every collective ranking call starts with: ``(ks, ties, max(ks), rank, world)``."""
+    ks = check_ks(ks)
+    ties = check_ties(ties)
+    rank, world = group_rank_and_size(group)
+    if world > 1 and group is not None and rank < 0:
+        raise ValueError("this process is not a member of `group`")
+    return ks, ties, max(ks, default=0), rank, world
+
+
 def _exchange_headers(header: torch.Tensor, problems: list[str], world: int, group: dist.ProcessGroup | None,
                       num_rows: int, who: str) -> torch.Tensor:
     """All-gather every rank's header (CPU ``(world, len)`` result) and raise the same
@@ -500,12 +511,7 @@ def rank_targets(
         RuntimeError: on every rank, if recomputing a score chunk did not reproduce the target
             scores bit-for-bit (non-deterministic matmul; raise ``score_cache_bytes``).
     """
-    ks = check_ks(ks)
-    ties = check_ties(ties)
-    max_k = max(ks, default=0)
-    rank, world = group_rank_and_size(group)
-    if world > 1 and group is not None and rank < 0:
-        raise ValueError("this process is not a member of `group`")
+    ks, ties, max_k, rank, world = _begin_call(ks, ties, group)
     device = item_block.device
 
     # ---- normalise shapes of an empty batch (b_r = 0) -------------------------------------
