@@ -57,7 +57,8 @@ official side's 2 OpenMP threads slow down far more than 2x (measured here with 
 cores: 239 s an epoch at 2 threads, 68 s at ``--official-threads 1``, same metrics bit for bit);
 the json and md record how many cores other processes kept busy during each side.
 
-Writes ``<out>/dreamrec_official_curve.{md,png,json}`` (default out: benchmarks/out). With
+Writes ``<out>/dreamrec_official_curve.{md,png,json}`` (default out: benchmarks/out;
+``dreamrec_official_curve-seed<N>.*`` with ``--seed N``, which seeds both sides' training). With
 ``--ours-only`` / ``--official-only`` the other side is taken from the previous json when that
 was run with the same ``--epochs`` / ``--eval-every`` (the md says when each side ran).
 """
@@ -166,6 +167,8 @@ def run_official(args) -> dict:
         sys.argv = argv
     statis = json.loads((args.data_dir / "data_statis.json").read_text())
     oargs.seq_size, oargs.item_num = int(statis["seq_size"]), int(statis["item_num"])
+    if args.seed is not None:
+        oargs.seed = args.seed  # --seed: the official script's own --seed (default 2025)
     print(f"[official] args: {oargs}", flush=True)
 
     utils.setup_seed(oargs.seed)
@@ -230,6 +233,8 @@ def run_ours(args) -> dict:
            f"train.max_epochs={args.epochs}", f"train.eval_every_epochs={args.eval_every}", "train.patience=0",
            f"name={RUN_NAME}", f"output_dir={runs}", "checkpoint.enabled=false", "eval.test_seeds=1",
            "eval.select_metric=HR@20"]  # the official code selects on validation HR@20 (run_dreamrec.py)
+    if args.seed is not None:
+        cmd.append(f"train.seed={args.seed}")
     env = dict(os.environ, OMP_NUM_THREADS=str(args.ours_threads),
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     print("[ours] + " + " ".join(cmd), flush=True)
@@ -261,6 +266,12 @@ def run_ours(args) -> dict:
 # ---------------------------------------------------------------------------------------------
 # report
 
+def result_stem(seed: int | None) -> str:
+    """Output file stem: ``dreamrec_official_curve`` (each side's default seed: official 2025, ours 0)
+    or ``dreamrec_official_curve-seed<N>`` (both sides trained with seed N)."""
+    return "dreamrec_official_curve" + ("" if seed is None else f"-seed{seed}")
+
+
 def pct(x) -> str:
     return "" if x is None else f"{100 * x:.2f}"
 
@@ -274,7 +285,8 @@ def write_report(result: dict, out: Path) -> str:
             by_epoch.setdefault(round(r["epoch"], 3), {})[side] = r
     lines = [f"DreamRec on Zhihu, official code (baiyimeng/DreamRec @ f77206d) vs recsys-dist "
              f"(configs/zhihu_dreamrec.yaml, dreamrec_form official), {result['epochs']} epochs, "
-             f"metrics in % over every val / test row (random HR@20 {RANDOM_HR20:.2f}).", "",
+             f"metrics in % over every val / test row (random HR@20 {RANDOM_HR20:.2f}); training seed "
+             f"{'official 2025, ours 0' if result.get('seed') is None else result['seed']}.", "",
              f"Machine: {info['cpu']}, {info['cores']} cores, {info['mem_gib']} GiB, torch {info['torch']}.", ""]
     if off:
         lines.append(f"- official: 1 process x {off['threads']} threads, DataLoader workers {off['dataloader_workers']}, "
@@ -314,7 +326,7 @@ def write_report(result: dict, out: Path) -> str:
               "Both evaluations are stochastic (one eval-noise draw per point)."]
     text = "\n".join(lines) + "\n"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "dreamrec_official_curve.md").write_text(text)
+    (out / f"{result_stem(result.get('seed'))}.md").write_text(text)
 
     import matplotlib
     matplotlib.use("Agg")
@@ -334,7 +346,7 @@ def write_report(result: dict, out: Path) -> str:
         ax.legend()
     fig.suptitle("DreamRec on Zhihu: validation HR@20")
     fig.tight_layout()
-    fig.savefig(out / "dreamrec_official_curve.png", dpi=120)
+    fig.savefig(out / f"{result_stem(result.get('seed'))}.png", dpi=120)
     plt.close(fig)
     return text
 
@@ -354,6 +366,9 @@ def main() -> None:
     parser.add_argument("--official-workers", type=int, default=0,
                         help="DataLoader workers of the official run (its script: 4; default 0, one process)")
     parser.add_argument("--ours-threads", type=int, default=1, help="OMP threads per rank of ours (default 1, 2 ranks)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="training seed of both sides (default: each side's own, official 2025, ours 0); "
+                             "outputs go to dreamrec_official_curve-seed<N>.*")
     parser.add_argument("--eval-seed", type=int, default=2025, help="torch seed of every official evaluation")
     parser.add_argument("--data-dir", default=None,
                         help="Zhihu DreamRec files (default $RECSYS_DATA_DIR or ../shared/datasets, + zhihu/raw/dreamrec)")
@@ -372,8 +387,8 @@ def main() -> None:
     info = machine_info()
     print(f"machine: {info}", flush=True)
     out = Path(args.out)
-    result = {"epochs": args.epochs, "eval_every": args.eval_every, "machine": info}
-    prev_path = out / "dreamrec_official_curve.json"
+    result = {"epochs": args.epochs, "eval_every": args.eval_every, "machine": info, "seed": args.seed}
+    prev_path = out / f"{result_stem(args.seed)}.json"
     if (args.ours_only or args.official_only) and prev_path.exists():
         prev = json.loads(prev_path.read_text())
         keep = "official" if args.ours_only else "ours"
@@ -387,7 +402,7 @@ def main() -> None:
     text = write_report(result, out)
     prev_path.write_text(json.dumps(result, indent=2, default=str))
     print(text)
-    print(f"wrote {out / 'dreamrec_official_curve.md'}, .png, .json")
+    print(f"wrote {out / result_stem(args.seed)}.md, .png, .json")
 
 
 if __name__ == "__main__":
