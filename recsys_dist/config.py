@@ -19,6 +19,8 @@ from typing import Any, Sequence
 
 import yaml
 
+from recsys_dist.models.diffrec import DiffRecConfig
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -69,7 +71,7 @@ class DataConfig:
 class ModelConfig:
     """Dense model: which builder and its hyperparameters."""
 
-    name: str = "diffurec"  # diffurec | sasrec | gru4rec | dreamrec | areal | dimerec
+    name: str = "diffurec"  # diffurec | sasrec | gru4rec | dreamrec | areal | dimerec | diffrec (section diffrec:)
     dim: int = 64  # embedding and hidden size
     num_blocks: int = 2
     num_heads: int = 2
@@ -183,6 +185,10 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    # DiffRec / T-DiffRec (model.name: diffrec): the model's own config, next to its code
+    # (recsys_dist/models/diffrec.py). Its lr / weight_decay / batch_size are the single-process
+    # reference's; the job trains with train.lr, train.weight_decay, train.batch_size.
+    diffrec: DiffRecConfig = field(default_factory=DiffRecConfig)
 
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name

@@ -88,13 +88,13 @@ def test_split_first_layer_equals_concatenated_linear():
     t = torch.tensor([0, 3, 6])
     full = torch.nn.Linear(11 + 5, 24)
     with torch.no_grad():
-        full.weight.copy_(torch.cat([d.in_proj.weight, d.time_proj.weight], dim=1))
-        full.bias.copy_(d.in_proj.bias)
+        full.weight.copy_(torch.cat([d.in_proj.weight, d.core.time_proj.weight], dim=1))
+        full.bias.copy_(d.core.in_bias)
     from recsys_dist.diffusion import timestep_embedding
-    h = torch.tanh(full(torch.cat([x, d.emb_layer(timestep_embedding(t, 5))], dim=-1)))
+    h = torch.tanh(full(torch.cat([x, d.core.emb_layer(timestep_embedding(t, 5))], dim=-1)))
     # official order of widths with dims [16, 24]: N+emb -> 24 -> 16 -> 24 -> N
-    assert [l.out_features for l in d.hidden] == [16, 24]
-    for layer in d.hidden:
+    assert [l.out_features for l in d.core.hidden] == [16, 24]
+    for layer in d.core.hidden:
         h = torch.tanh(layer(h))
     torch.testing.assert_close(d(x, t), d.out_proj(h))
     assert d.in_proj.in_features == 11 and d.out_proj.out_features == 11 and d.out_proj.bias is not None

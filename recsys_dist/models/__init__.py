@@ -5,9 +5,10 @@ Modules here are pure torch math: no torchrec, torch.distributed or deepspeed im
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from recsys_dist.config import ModelConfig
+if TYPE_CHECKING:  # recsys_dist.config imports models.diffrec (its config section): no import cycle
+    from recsys_dist.config import ModelConfig
 from recsys_dist.models.base import SequenceRecommender
 from recsys_dist.models.areal import AREAL
 from recsys_dist.models.diffurec import DiffuRec
@@ -16,7 +17,7 @@ from recsys_dist.models.dreamrec import DreamRec
 from recsys_dist.models.gru4rec import GRU4Rec
 from recsys_dist.models.sasrec import SASRec
 
-Builder = Callable[[ModelConfig, int], SequenceRecommender]
+Builder = Callable[["ModelConfig", int], SequenceRecommender]
 
 MODELS: dict[str, Builder] = {
     "diffurec": lambda c, max_len: DiffuRec(c.dim, c.num_blocks, c.num_heads, c.dropout, c.emb_dropout,
@@ -38,11 +39,18 @@ MODELS: dict[str, Builder] = {
 }
 
 
+#: models over whole per-user interaction sets, trained by their own job (not SequenceRecommenders):
+#: ``model.name: diffrec`` -> recsys_dist/train/diffrec_job.py, config section ``diffrec:``
+SET_MODELS: tuple[str, ...] = ("diffrec",)
+
+
 def build_model(cfg: ModelConfig, max_len: int) -> SequenceRecommender:
     """Instantiate the dense model named by ``cfg.name``."""
+    if cfg.name in SET_MODELS:
+        raise ValueError(f"model '{cfg.name}' is a set model: its job is recsys_dist/train/diffrec_job.py")
     if cfg.name not in MODELS:
-        raise ValueError(f"unknown model '{cfg.name}' (known: {sorted(MODELS)})")
+        raise ValueError(f"unknown model '{cfg.name}' (known: {sorted(MODELS)} and set models {list(SET_MODELS)})")
     return MODELS[cfg.name](cfg, max_len)
 
 
-__all__ = ["MODELS", "build_model", "SequenceRecommender", "AREAL", "DiffuRec", "DimeRec", "DreamRec", "GRU4Rec", "SASRec"]
+__all__ = ["MODELS", "SET_MODELS", "build_model", "SequenceRecommender", "AREAL", "DiffuRec", "DimeRec", "DreamRec", "GRU4Rec", "SASRec"]

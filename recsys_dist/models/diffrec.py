@@ -326,20 +326,36 @@ class DiffRecDiffusion(nn.Module):
         else:
             target, pred_x0 = eps, self.x0_from_eps(xt, t, out)
         mse = ((target - out) ** 2).mean(dim=1)
+        likelihood = ((x0 - pred_x0) ** 2 / 2.0).mean(dim=1) if self.needs_likelihood else None
+        loss, history = self.weigh(t, pt, mse, likelihood)
+        return {"loss": loss, "history": history, "t": t, "pred_x0": pred_x0}
+
+    @property
+    def needs_likelihood(self) -> bool:
+        """Whether ``weigh`` needs the t = 0 likelihood term (eps prediction with reweighting)."""
+        return self.cfg.reweight and self.cfg.mean_type == "eps"
+
+    def weigh(self, t: torch.Tensor, pt: torch.Tensor, mse: torch.Tensor,
+              likelihood: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample loss from its mse over the N outputs (gaussian_diffusion.py:140-155):
+        (weight * loss / pt, weight * loss detached). ``likelihood`` (B,): mean((x0 - x0_hat)^2 / 2),
+        needed when ``needs_likelihood``. The sharded job computes mse and likelihood as sums of
+        per-shard sums and calls this, so both paths weigh alike."""
         if self.cfg.reweight:
             if self.cfg.mean_type == "x0":
                 w = self.snr((t - 1).clamp(min=0)) - self.snr(t)
                 loss = mse
             else:
+                if likelihood is None:
+                    raise ValueError("eps prediction with reweight needs the likelihood term")
                 b, ab, abp = self.betas64[t], self.abar64[t], self.abar_prev64[t]
                 w = (1.0 - ab) / ((1.0 - abp).clamp(min=1e-300) ** 2 * (1.0 - b))
-                likelihood = ((x0 - pred_x0) ** 2 / 2.0).mean(dim=1)
                 loss = torch.where(t == 0, likelihood, mse)
             w = torch.where(t == 0, torch.ones_like(w), w)
         else:
             w, loss = torch.ones_like(pt), mse
         weighted = w.to(loss.dtype) * loss
-        return {"loss": weighted / pt.to(loss.dtype), "history": weighted.detach(), "t": t, "pred_x0": pred_x0}
+        return weighted / pt.to(loss.dtype), weighted.detach()
 
     # --- inference
     def reverse(self, denoise, x: torch.Tensor, noise: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -373,52 +389,98 @@ def _xavier_(layer: nn.Linear, fan_in: int, fan_out: int, bias_std: float) -> No
                 layer.bias.zero_()
 
 
+class DenoiserCore(nn.Module):
+    """Everything of DiffRec's MLP (DNN.py) except the two N-wide weight matrices: the step
+    embedding, the first layer's bias, the hidden layers. ``forward(pre_x, t)``: ``pre_x`` (B, d_k)
+    = the first layer's input weights applied to the (dropped-out) x, without bias -> the last
+    hidden state h (B, d_k), to which the output layer (h -> N, with bias) is applied. The
+    sharded job holds the N-wide matrices in the item table (``recsys_dist/sparse/wide.py``) and
+    trains only this module under DeepSpeed."""
+
+    def __init__(self, n_in: int, dims: tuple[int, ...], emb_size: int, act: str = "tanh",
+                 bias_std: float = 0.001) -> None:
+        super().__init__()
+        self.emb_size = emb_size
+        self.widths = list(dims[::-1]) + list(dims[1:])  # d_k .. d_1 d_2 .. d_k
+        self.emb_layer = nn.Linear(emb_size, emb_size)
+        self.time_proj = nn.Linear(emb_size, self.widths[0], bias=False)
+        self.in_bias = nn.Parameter(torch.zeros(self.widths[0]))
+        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(self.widths[:-1], self.widths[1:]))
+        self.act = ACTIVATIONS[act]()
+        _xavier_(self.emb_layer, emb_size, emb_size, bias_std)
+        _xavier_(self.time_proj, n_in + emb_size, self.widths[0], 0.0)
+        with torch.no_grad():
+            if bias_std > 0:
+                self.in_bias.normal_(0.0, bias_std)
+        for layer in self.hidden:
+            _xavier_(layer, layer.in_features, layer.out_features, bias_std)
+
+    @property
+    def in_width(self) -> int:
+        return self.widths[0]
+
+    @property
+    def out_width(self) -> int:
+        return self.widths[-1]
+
+    def time_part(self, t: torch.Tensor) -> torch.Tensor:
+        return self.time_proj(self.emb_layer(timestep_embedding(t, self.emb_size)))
+
+    def forward(self, pre_x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        h = self.act(pre_x + self.in_bias + self.time_part(t))
+        for layer in self.hidden:
+            h = self.act(layer(h))
+        return h
+
+
+def wide_init_stds(n_in: int, core: DenoiserCore, bias_std: float) -> tuple[float, float, float]:
+    """Init standard deviations of the N-wide pieces: the input weights (fan-in n_in + emb, as
+    the official first layer over [x, emb]), the output weights, the output bias."""
+    return (math.sqrt(2.0 / (n_in + core.emb_size + core.in_width)),
+            math.sqrt(2.0 / (core.out_width + n_in)), bias_std)
+
+
 class Denoiser(nn.Module):
     """DiffRec's MLP (DNN.py), with the two N-wide layers separable:
 
-    h = act(in_proj(drop(norm(x))) + time_proj(emb_layer(sinusoid(t)))), h = act(layer(h)) for
-    each hidden layer, out = out_proj(h). ``in_proj``: Linear(n_in, d_k) with bias; ``time_proj``:
-    Linear(emb, d_k) without; together they are the official Linear(n_in + emb, d_k) on [x, emb].
+    h = act(in_proj(drop(norm(x))) + b + time_proj(emb_layer(sinusoid(t)))), h = act(layer(h)) for
+    each hidden layer, out = out_proj(h). ``in_proj``: Linear(n_in, d_k) without bias (the bias
+    b is ``core.in_bias``); ``time_proj``: Linear(emb, d_k) without; together they are the
+    official Linear(n_in + emb, d_k) on [x, emb], drawn with the fan-in of the concatenation.
     ``bias_std`` 0.001: DiffRec's init (DNN.py:36-64); 0: L-DiffRec's (xavier-normal, zero bias).
+    ``drop_mask`` (B, n_in) of 0/1, optional: the dropout's keep mask, given explicitly (the
+    sharded job draws it from a world-size-independent stream; a test feeds the same one here).
     """
 
     def __init__(self, n_in: int, dims: tuple[int, ...], emb_size: int, norm: bool = False, dropout: float = 0.5,
                  act: str = "tanh", bias_std: float = 0.001) -> None:
         super().__init__()
-        self.n_in, self.emb_size, self.norm = n_in, emb_size, norm
-        widths = list(dims[::-1]) + list(dims[1:])  # d_k .. d_1 d_2 .. d_k
-        self.emb_layer = nn.Linear(emb_size, emb_size)
-        self.in_proj = nn.Linear(n_in, widths[0])
-        self.time_proj = nn.Linear(emb_size, widths[0], bias=False)
-        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
-        self.out_proj = nn.Linear(widths[-1], n_in)
-        self.act = ACTIVATIONS[act]()
+        self.n_in, self.emb_size, self.norm, self.p_drop = n_in, emb_size, norm, dropout
+        self.core = DenoiserCore(n_in, dims, emb_size, act, bias_std)
+        self.in_proj = nn.Linear(n_in, self.core.in_width, bias=False)
+        self.out_proj = nn.Linear(self.core.out_width, n_in)
         self.drop = nn.Dropout(dropout)
-        _xavier_(self.emb_layer, emb_size, emb_size, bias_std)
-        _xavier_(self.in_proj, n_in + emb_size, widths[0], bias_std)
-        _xavier_(self.time_proj, n_in + emb_size, widths[0], bias_std)
-        for layer in self.hidden:
-            _xavier_(layer, layer.in_features, layer.out_features, bias_std)
-        _xavier_(self.out_proj, widths[-1], n_in, bias_std)
+        std_in, std_out, std_b = wide_init_stds(n_in, self.core, bias_std)
+        with torch.no_grad():
+            self.in_proj.weight.normal_(0.0, std_in)
+            self.out_proj.weight.normal_(0.0, std_out)
+            if std_b > 0:
+                self.out_proj.bias.normal_(0.0, std_b)
+            else:
+                self.out_proj.bias.zero_()
 
-    def input_part(self, x: torch.Tensor) -> torch.Tensor:
+    def input_part(self, x: torch.Tensor, drop_mask: torch.Tensor | None = None) -> torch.Tensor:
         """in_proj(dropout(normalise(x))): the only piece that reads the N input columns."""
         if self.norm:
             x = F.normalize(x, dim=-1)
-        return self.in_proj(self.drop(x))
+        if drop_mask is not None and self.training and self.p_drop > 0:
+            x = x * drop_mask.to(x.dtype) / (1.0 - self.p_drop)
+        else:
+            x = self.drop(x)
+        return self.in_proj(x)
 
-    def time_part(self, t: torch.Tensor) -> torch.Tensor:
-        return self.time_proj(self.emb_layer(timestep_embedding(t, self.emb_size)))
-
-    def body(self, pre: torch.Tensor) -> torch.Tensor:
-        """Hidden state of width d_k from the first layer's pre-activation."""
-        h = self.act(pre)
-        for layer in self.hidden:
-            h = self.act(layer(h))
-        return h
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.out_proj(self.body(self.input_part(x) + self.time_part(t)))
+    def forward(self, x: torch.Tensor, t: torch.Tensor, drop_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.out_proj(self.core(self.input_part(x, drop_mask), t))
 
 
 # ------------------------------------------------------------------------------------ DiffRec
@@ -449,7 +511,10 @@ class DiffRec(nn.Module):
         return _eval_noise(self.cfg, batch_size, self.n_items, generator)
 
     def loss_terms(self, x0: torch.Tensor, noise: dict[str, torch.Tensor]) -> dict:
-        return self.diffusion.training_terms(self.denoiser, x0, noise["t_u"], noise["eps"].to(x0))
+        """``noise``: ``t_u``, ``eps`` and optionally ``drop_mask`` (B, N), the input dropout's keep mask."""
+        mask = noise.get("drop_mask")
+        return self.diffusion.training_terms(lambda x, t: self.denoiser(x, t, mask), x0, noise["t_u"],
+                                             noise["eps"].to(x0))
 
     def loss(self, x0: torch.Tensor, noise: dict[str, torch.Tensor], update_history: bool = True, **_) -> torch.Tensor:
         terms = self.loss_terms(x0, noise)
@@ -462,6 +527,27 @@ class DiffRec(nn.Module):
 
     def param_groups(self) -> list[dict]:
         return [{"params": list(self.parameters()), "lr": self.cfg.lr, "weight_decay": self.cfg.weight_decay}]
+
+
+class DiffRecDense(nn.Module):
+    """DiffRec / T-DiffRec without the N-wide weights: the diffusion (schedule, importance
+    sampler history) and the denoiser's :class:`DenoiserCore`. The sharded job
+    (``recsys_dist/train/diffrec_job.py``) trains this under DeepSpeed and holds the N-wide
+    layers in the item table (``recsys_dist/sparse/wide.py``); ``forward(pre_x, t)`` -> h."""
+
+    def __init__(self, cfg: DiffRecConfig, n_items: int) -> None:
+        super().__init__()
+        if cfg.latent:
+            raise ValueError("the sharded DiffRec job covers diffrec / t-diffrec (L-DiffRec: the dense reference)")
+        self.cfg, self.n_items = cfg, n_items
+        self.diffusion = DiffRecDiffusion(cfg)
+        self.core = DenoiserCore(n_items, cfg.dims, cfg.emb_size, cfg.act, bias_std=0.001)
+
+    def wide_init_stds(self) -> tuple[float, float, float]:
+        return wide_init_stds(self.n_items, self.core, 0.001)
+
+    def forward(self, pre_x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.core(pre_x, t)
 
 
 def _eval_noise(cfg: DiffRecConfig, batch_size: int, width: int, generator: torch.Generator) -> dict:
@@ -715,6 +801,6 @@ def infer_scores(model: nn.Module, x: torch.Tensor, generator: torch.Generator |
     return torch.cat(out)
 
 
-__all__ = ["DiffRecConfig", "DiffRec", "LDiffRec", "ClusterVAE", "Denoiser", "DiffRecDiffusion", "build_diffrec",
+__all__ = ["DiffRecConfig", "DiffRec", "DiffRecDense", "DenoiserCore", "LDiffRec", "ClusterVAE", "Denoiser", "DiffRecDiffusion", "build_diffrec",
            "kmeans", "temporal_weights", "interaction_matrix", "multinomial_loss", "make_optimizer", "train_step",
            "infer_scores", "VARIANTS"]

@@ -167,8 +167,10 @@ class ShardedItemTable:
 
     @classmethod
     def create(cls, num_rows: int, dim: int, cfg: SparseConfig, device: torch.device,
-               batch_size: int, seed: int) -> "ShardedItemTable":
-        """Build on the meta device, plan, shard, then fill every row from one seeded stream."""
+               batch_size: int, seed: int, column_std: torch.Tensor | None = None) -> "ShardedItemTable":
+        """Build on the meta device, plan, shard, then fill every row from one seeded stream.
+        ``column_std`` (dim,): a standard deviation per column instead of ``cfg.init_std``
+        (tables that hold several layers' weights side by side, e.g. DiffRec's, sparse/wide.py)."""
         check_sparse_config(cfg)  # before anything is built
         set_gradient_division(True)  # average, not sum, the table gradients over ranks (see above)
         rank = dist.get_rank() if dist.is_initialized() else 0
@@ -192,7 +194,7 @@ class ShardedItemTable:
             optimizer = KeyedOptimizerWrapper(params, lambda ps: opt_cls(ps, **opt_kwargs))
             _init_optimizer_state(optimizer._optimizer)
         table = cls(dmp, num_rows, dim, rank, world, optimizer)
-        table.init_rows(seed, cfg.init_std, cfg.init_block_rows)
+        table.init_rows(seed, cfg.init_std if column_std is None else column_std, cfg.init_block_rows)
         if rank == 0:
             log.info("item table %d x %d %s, optimizer %s:\n%s", num_rows, dim,
                      "replicated (data_parallel, dense kernel)" if replicated else f"sharded {cfg.sharding}",
@@ -222,10 +224,11 @@ class ShardedItemTable:
                 for s in weight.local_shards()]
 
     @torch.no_grad()
-    def init_rows(self, seed: int, std: float, block_rows: int) -> None:
+    def init_rows(self, seed: int, std: float | torch.Tensor, block_rows: int) -> None:
         """Rows ~ N(0, std^2) from one stream keyed by (seed, row block), independent of the
         world size and sharding (a replica gets every row: the same on every rank); row 0
-        (padding) is zero."""
+        (padding) is zero. ``std``: one value, or one per column ((dim,) tensor)."""
+        std = std if isinstance(std, float) or isinstance(std, int) else torch.as_tensor(std, dtype=torch.float32)
         for row_off, col_off, shard in self.local_shards():
             n, width = shard.shape
             first, last = row_off // block_rows, (row_off + n - 1) // block_rows

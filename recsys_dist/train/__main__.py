@@ -23,7 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     import signal
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>`: where is a hung rank?
     cfg = load_config(args.config, args.overrides)
-    from recsys_dist.train.loop import fit
+    if cfg.model.name == "diffrec":  # per-user interaction sets, N-wide layers in the item table
+        from recsys_dist.train.diffrec_job import fit
+    else:
+        from recsys_dist.train.loop import fit
     result = fit(cfg)
     import torch.distributed as dist
     if not dist.is_initialized() or dist.get_rank() == 0:

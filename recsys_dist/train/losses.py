@@ -54,6 +54,25 @@ class _AllReduceSum(torch.autograd.Function):
         return grad, None
 
 
+def gather_rows(x: torch.Tensor, sizes: list[int], group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Differentiable all-gather of (b_r, d) rows from every rank, in rank order; ``sizes`` are
+    every rank's b_r (may differ: rows are padded to the largest for the collective). The
+    gradient of a rank's rows is the sum of every rank's gradient of them."""
+    most = max(sizes)
+    if x.shape[0] < most:
+        x = torch.cat([x, x.new_zeros((most - x.shape[0],) + tuple(x.shape[1:]))])
+    full = _AllGather.apply(x, group)
+    if all(n == most for n in sizes):
+        return full
+    index = torch.cat([torch.arange(r * most, r * most + n) for r, n in enumerate(sizes)]).to(full.device)
+    return full.index_select(0, index)
+
+
+def sum_over_ranks(x: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Differentiable all-reduce SUM (the gradient of a sum is the sum of the gradients)."""
+    return _AllReduceSum.apply(x, group)
+
+
 def _reduce(ce: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
     """Mean of the per-row CE, or its weighted sum (rows of weight 0 masked out, not multiplied)."""
     if weights is None:

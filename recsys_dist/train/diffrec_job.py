@@ -1,0 +1,352 @@
+"""The DiffRec / T-DiffRec job: per-user interaction sets -> the N-wide layers in the sharded
+item table + the dense core under DeepSpeed -> validate -> test once.
+
+Read top to bottom: :func:`train_step` is one batch, :func:`score_queries` the reverse chain at
+evaluation, :func:`evaluate_split` the exact multi-target ranking, :func:`fit` the whole job.
+The model math is ``recsys_dist/models/diffrec.py`` (the dense single-process reference is
+``DiffRec``); the placement of its two N-wide layers is ``recsys_dist/sparse/wide.py``.
+
+Protocol (DiffRec's, ``main.py`` of the official code): the input of a user is the training
+interaction vector (T-DiffRec: its temporal weights); validation ranks every item but the
+user's training items against the validation items, the test every item but the training and
+validation items against the test items; users without held-out items of a split are skipped
+and counted. Selection on validation (``eval.select_metric``, the official Recall@20), test
+once on the selected state. Exact metrics (``recsys_dist.eval.multi``).
+
+Randomness: the timesteps of the global batch come from a (seed, step) stream, the noise and
+the input-dropout mask of every column from (seed, step, column chunk) streams
+(``sparse.wide.column_noise``): the same for every world size, so 2 ranks train exactly what
+one process trains on the same global batches (``tests/test_diffrec_sharded.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import replace
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from recsys_dist.config import JobConfig, REPO_ROOT, default_data_dir, stream_seed
+from recsys_dist.eval import MultiMetricAccumulator, collective_device, rank_target_sets
+from recsys_dist.models.diffrec import DiffRecConfig, DiffRecDense
+from recsys_dist.sparse import ShardedItemTable, check_sparse_config
+from recsys_dist.sparse.wide import WideLayers, WideLayout, column_noise
+from recsys_dist.train.distributed import barrier, init_distributed, pick_device, seed_everything
+from recsys_dist.train.engine import build_engine
+from recsys_dist.train.report import RunReport, setup_logging
+from recsys_dist.train.step import NonFiniteLossError
+
+log = logging.getLogger("recsys_dist.train")
+
+SETS_DATASETS = ("ml-1m_clean", "ml-1m_noisy")
+
+
+def check_diffrec_config(cfg: DiffRecConfig) -> DiffRecConfig:
+    """The validated config (``__post_init__``) and the subset the sharded job runs."""
+    cfg = replace(cfg)
+    if cfg.latent:
+        raise ValueError(f"diffrec.variant={cfg.variant}: the sharded job runs diffrec and t-diffrec; "
+                         "L-DiffRec is the dense reference only (recsys_dist.models.diffrec.LDiffRec)")
+    if cfg.mean_type != "x0":
+        raise ValueError("diffrec.mean_type=eps is not in the sharded job yet (its final scores are not a dot "
+                         "product with the item rows); the official ML-1M recipes predict x0")
+    if cfg.sampling_steps != 0 or cfg.sampling_noise:
+        raise ValueError("diffrec.sampling_steps > 0 / sampling_noise are not in the sharded job yet "
+                         "(the official ML-1M recipes use 0 / false)")
+    return cfg
+
+
+def user_values(offsets: torch.Tensor, cfg: DiffRecConfig) -> torch.Tensor | None:
+    """x_0 values of each user's train items (in file order): T-DiffRec's linspace(w_min, w_max,
+    M_u) per user (T-DiffRec/data_utils.py:36-47), None (all 1) for DiffRec."""
+    if not cfg.temporal:
+        return None
+    lens = offsets[1:] - offsets[:-1]
+    m = torch.arange(int(offsets[-1])) - torch.repeat_interleave(offsets[:-1], lens)
+    big = torch.repeat_interleave(lens, lens).to(torch.float64)
+    frac = torch.where(big > 1, m.to(torch.float64) / (big - 1).clamp(min=1), torch.zeros_like(big))
+    return (cfg.w_min + frac * (cfg.w_max - cfg.w_min)).float()
+
+
+def _input(wide: WideLayers, x_block: torch.Tensor, cfg: DiffRecConfig) -> torch.Tensor:
+    """norm (global row norms, F.normalize's eps) before the first layer."""
+    if cfg.norm:
+        x_block = x_block / wide.row_norms(x_block).clamp(min=1e-12)[:, None]
+    return x_block
+
+
+def train_step(engine, wide: WideLayers, cfg: DiffRecConfig, offsets: torch.Tensor, items: torch.Tensor,
+               step: int, seed: int) -> torch.Tensor:
+    """Forward, backward and update for one batch of this rank's users; returns the global mean
+    loss (detached; identical on every rank).
+
+    offsets (b + 1,), items (n,): this rank's users' train items as 0-based item indices, in
+    file order (jagged); b equal on every rank.
+    """
+    model: DiffRecDense = engine.module
+    diffusion = model.diffusion
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    ids, vals, sizes = wide.gather_users(offsets, items, user_values(offsets, cfg))
+    batch = sum(sizes)
+    gen = torch.Generator().manual_seed(stream_seed(seed, "diffrec-t", step))
+    t, pt = diffusion.sample_timesteps(torch.rand(batch, generator=gen, dtype=torch.float64))
+    x0 = wide.dense_block(ids, vals)
+    eps = column_noise(seed, "diffrec-eps", step, batch, wide.item_lo, wide.item_hi)
+    xt = diffusion.q_sample(x0, t, eps)
+    x_in = _input(wide, xt, cfg)
+    engine.train()
+    if cfg.dropout > 0:
+        keep = column_noise(seed, "diffrec-dropout", step, batch, wide.item_lo, wide.item_hi, "uniform") >= cfg.dropout
+        x_in = x_in * keep / (1.0 - cfg.dropout)
+    w_in, w_out, b_out = wide.block_rows()
+    start = sum(sizes[:rank])
+    own = slice(start, start + sizes[rank])
+    dtype = next(model.parameters()).dtype
+    pre = wide.first(x_in, w_in, sizes)
+    h = engine(pre.to(dtype), t[own]).float()
+    out = wide.last(h, w_out, b_out, sizes)
+    mse = wide.sum_columns(((x0 - out) ** 2).sum(dim=1)) / wide.num_items
+    loss_all, history = diffusion.weigh(t, pt, mse)
+    loss = loss_all[own].mean()
+    reduced = loss_all.detach().mean()
+    if not torch.isfinite(reduced):
+        raise NonFiniteLossError(f"non-finite loss {reduced.item()} at step {step} (rank {rank}); "
+                                 "stopped before this step's update")
+    diffusion.update_history(t, history)  # the global batch, in global order: identical on every rank
+    engine.backward(loss)
+    engine.step()
+    wide.table.step_optimizer()
+    return reduced
+
+
+@torch.no_grad()
+def score_queries(model: DiffRecDense, wide: WideLayers, cfg: DiffRecConfig, offsets: torch.Tensor,
+                  items: torch.Tensor) -> torch.Tensor:
+    """(b, h_out + 1) queries [h, 1] of this rank's users (collective): the reverse chain run on
+    the column blocks from x = the train vector; the scores of the last step, x0_hat = h W_out^T
+    + b_out, are queries . [W_out | b_out] rows (the official chain returns the posterior mean at
+    t = 0, whose coefficients are 1 and 0 up to rounding: the same order)."""
+    model.eval()
+    diffusion = model.diffusion
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    ids, vals, sizes = wide.gather_users(offsets, items, user_values(offsets, cfg))
+    w_in, w_out, b_out = (p.detach() for p in wide.block_rows())
+    x = wide.dense_block(ids, vals)
+    dtype = next(model.parameters()).dtype
+    h = None
+    for i in reversed(range(diffusion.steps)):
+        t = torch.full((x.shape[0],), i, dtype=torch.long)
+        pre = wide.first(_input(wide, x, cfg), w_in, sizes)
+        h = model(pre.to(dtype), t[:sizes[rank]]).float()
+        if i > 0:
+            x0_hat = wide.last(h, w_out, b_out, sizes)
+            x, _ = diffusion.gd.posterior(x0_hat, x, t)
+    assert h is not None
+    return torch.cat([h, torch.ones(h.shape[0], 1)], dim=1)
+
+
+def _padded(offsets: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    """Jagged table ids -> (b, L) right-padded with 0 (the padding id)."""
+    b = offsets.numel() - 1
+    lens = offsets[1:] - offsets[:-1]
+    out = torch.zeros(b, int(lens.max()) if b else 0, dtype=torch.long)
+    if items.numel():
+        row = torch.repeat_interleave(torch.arange(b), lens)
+        col = torch.arange(items.numel()) - torch.repeat_interleave(offsets[:-1], lens)
+        out[row, col] = items.long()
+    return out
+
+
+def _concat_jagged(*parts: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-user union (concatenation) of several jagged lists of the same users."""
+    lens = sum(p[0][1:] - p[0][:-1] for p in parts)
+    pieces = []
+    for u in range(lens.numel()):
+        for off, it in parts:
+            pieces.append(it[off[u]:off[u + 1]])
+    items = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
+    return torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(lens, 0)]), items
+
+
+def _max_over_ranks(n: int) -> int:
+    t = torch.tensor([n], device=collective_device())
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def evaluate_split(model: DiffRecDense, wide: WideLayers, cfg: JobConfig, split: str, url: str,
+                   popularity: torch.Tensor | None = None) -> dict[str, float]:
+    """Exact multi-target metrics of ``split`` ("valid" | "test") over every user (collective).
+    ``popularity`` (num_rows,) train counts: rank by them instead (the popularity baseline)."""
+    from shards.sets import SetReader
+
+    rank, world = wide.table.rank, wide.table.world_size
+    dcfg = check_diffrec_config(cfg.diffrec)
+    reader = SetReader(url, rank, world, batch_users=cfg.eval.batch_size)
+    lo, hi = wide.table.score_block()
+    if popularity is None:
+        block = wide.table.rows(lo, hi)[:, wide.layout.in_width:wide.layout.used]  # [W_out | b_out] rows (row 0: zeros)
+    else:
+        block = popularity[lo:hi, None].double()
+    acc = MultiMetricAccumulator(cfg.eval.ks, cfg.eval.ties)
+    batches = list(reader)
+    empty = {"train": (torch.zeros(1, dtype=torch.long), torch.zeros(0, dtype=torch.long))}
+    for i in range(_max_over_ranks(len(batches))):
+        b = batches[i] if i < len(batches) else None
+        train = b["train"] if b is not None else empty["train"]
+        train = (train[0], train[1] - 1)  # table ids -> 0-based item indices
+        if popularity is None:
+            queries = score_queries(model, wide, dcfg, *train)
+        else:
+            queries = torch.ones(train[0].numel() - 1, 1, dtype=torch.float64)
+        if b is None:
+            targets = torch.zeros(0, 1, dtype=torch.long)
+            masked = torch.zeros(0, 1, dtype=torch.long)
+        else:
+            targets = _padded(*b[split])
+            masked = _padded(*_concat_jagged(b["train"], *([b["valid"]] if split == "test" else [])))
+        acc.update(rank_target_sets(queries.to(block.dtype), targets, block, lo, wide.table.num_rows, masked,
+                                    ks=cfg.eval.ks, ties=cfg.eval.ties, item_chunk=cfg.eval.item_chunk))
+    return acc.compute()
+
+
+def train_item_counts(url: str, num_rows: int, rank: int, world: int) -> torch.Tensor:
+    """(num_rows,) float64 train interaction counts per table row (collective)."""
+    from shards.sets import SetReader
+
+    counts = torch.zeros(num_rows, dtype=torch.float64)
+    for b in SetReader(url, rank, world, batch_users=4096):
+        counts.index_add_(0, b["train"][1].long(), torch.ones(b["train"][1].numel(), dtype=torch.float64))
+    if world > 1:
+        dist.all_reduce(counts)
+    return counts
+
+
+def ensure_sets_shards(cfg: JobConfig, rank: int) -> tuple[str, dict]:
+    """Rank 0 builds the sets shards if missing (idempotent), the others wait; the manifest."""
+    from shards.sets import build_sets_shards, load_sets_manifest
+
+    if cfg.data.dataset not in SETS_DATASETS:
+        raise ValueError(f"model.name=diffrec needs a sets dataset ({' | '.join(SETS_DATASETS)}), "
+                         f"got data.dataset={cfg.data.dataset}")
+    url = cfg.data.shards_url or str(REPO_ROOT / "shards_out" / f"{cfg.data.dataset}-sets")
+    error = None
+    if rank == 0 and cfg.data.build_if_missing:
+        try:
+            build_sets_shards(cfg.data.dataset, url, data_dir=cfg.data.data_dir or default_data_dir())
+        except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
+            error = exc
+    failed = torch.tensor([0 if error is None else 1], device=collective_device())
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    if error is not None:
+        raise error
+    if failed.item():
+        raise RuntimeError(f"rank 0 failed to build the sets shards at {url} (see its log)")
+    return url, load_sets_manifest(url)
+
+
+def build_parts(cfg: JobConfig, num_items: int, device: torch.device) -> tuple[Any, WideLayers]:
+    """The dense core under DeepSpeed and the N-wide layers in the item table."""
+    dcfg = check_diffrec_config(cfg.diffrec)
+    check_sparse_config(cfg.sparse)
+    model = DiffRecDense(dcfg, num_items)
+    layout = WideLayout(model.core.in_width, model.core.out_width)
+    table = ShardedItemTable.create(num_items + 1, layout.dim, cfg.sparse, device, cfg.train.batch_size,
+                                    cfg.train.seed, column_std=layout.column_std(*model.wide_init_stds()))
+    engine = build_engine(model, cfg.train, device)
+    return engine, WideLayers(table, layout)
+
+
+def fit(cfg: JobConfig) -> dict[str, Any]:
+    """Train and evaluate one DiffRec job; returns (every rank) what metrics.json holds.
+    No resumable checkpoints yet (``checkpoint.*`` is ignored): a DiffRec run on ML-1M takes
+    minutes; the selected state is kept in memory."""
+    from tqdm import tqdm
+
+    from shards.sets import SetReader
+    from recsys_dist.train.loop import Snapshot
+
+    device = pick_device(cfg.train.device)
+    rank, world = init_distributed(device, cfg.train.collective_timeout_s)
+    run_dir = cfg.run_dir()
+    setup_logging(rank, run_dir)
+    seed_everything(cfg.train.seed)
+    dcfg = check_diffrec_config(cfg.diffrec)
+    log.info("job %s: %s on %s, %d rank(s), device %s", cfg.name, dcfg.variant, cfg.data.dataset, world, device)
+    url, manifest = ensure_sets_shards(cfg, rank)
+    num_items = int(manifest["num_items"])
+    engine, wide = build_parts(cfg, num_items, device)
+    report = RunReport(run_dir, rank)
+    reader = SetReader(url, rank, world, batch_users=cfg.train.batch_size, shuffle=True, seed=cfg.train.seed,
+                       drop_last=True, even_batches="drop")
+    steps_per_epoch = len(reader)
+    if steps_per_epoch == 0:
+        raise ValueError(f"{url}: too few users for batch {cfg.train.batch_size} x {world} ranks")
+    epochs = cfg.train.max_epochs if cfg.train.max_epochs > 0 else -(-cfg.train.max_steps // steps_per_epoch)
+    every = max(cfg.train.eval_every_epochs, 1)
+    log.info("%d steps per epoch (%d users x %d ranks); up to %d epochs, validate every %d", steps_per_epoch,
+             cfg.train.batch_size, world, epochs, every)
+    bar = tqdm(total=epochs * steps_per_epoch, desc=f"train {cfg.name}", disable=rank != 0, dynamic_ncols=True)
+    step, best, best_value, best_step, t_train = 0, None, float("-inf"), None, 0.0
+    stopped_early = False
+    for epoch in range(epochs):
+        reader.set_epoch(epoch)
+        t0 = time.perf_counter()
+        for batch in reader:
+            offsets, items = batch["train"]
+            loss = train_step(engine, wide, dcfg, offsets, items - 1, step, cfg.train.seed)
+            step += 1
+            if step % cfg.train.log_every == 0 or step == 1:
+                report.loss(step, loss.item())
+                bar.set_postfix(loss=f"{loss.item():.4f}", epoch=epoch)
+            bar.update(1)
+        t_train += time.perf_counter() - t0
+        if (epoch + 1) % every == 0 or epoch + 1 == epochs:
+            t0 = time.perf_counter()
+            metrics = evaluate_split(engine.module, wide, cfg, "valid", url)
+            metrics.update(seconds=time.perf_counter() - t0, epoch=epoch + 1, train_seconds=t_train)
+            report.validation(step, metrics)
+            value = metrics[cfg.eval.select_metric]
+            log.info("epoch %d val %s", epoch + 1, " ".join(f"{k}={v:.4f}" for k, v in metrics.items()
+                                                           if k.startswith(("Recall@", "NDCG@"))))
+            if value > best_value:
+                best_value, best_step = value, step
+                best = Snapshot.take(step, engine, wide.table)
+            since = sum(1 for s, _ in report.val if s > best_step)
+            if cfg.train.patience > 0 and since >= cfg.train.patience:
+                stopped_early = True
+                log.info("early stop after epoch %d: %d validations without a better %s", epoch + 1, since,
+                         cfg.eval.select_metric)
+                break
+    bar.close()
+    if best is None:
+        raise RuntimeError("no validation result to select a state from")
+    best.restore(engine, wide.table)
+    t0 = time.perf_counter()
+    test = evaluate_split(engine.module, wide, cfg, "test", url)
+    test["seconds"] = time.perf_counter() - t0
+    counts = train_item_counts(url, wide.table.num_rows, rank, world)
+    popularity = evaluate_split(engine.module, wide, cfg, "test", url, popularity=counts)
+    log.info("test (state of step %d, selected on val %s): %s", best_step, cfg.eval.select_metric,
+             " ".join(f"{k}={v:.4f}" for k, v in test.items() if k.startswith(("Recall@", "NDCG@"))))
+    payload = {
+        "name": cfg.name, "model": f"diffrec:{dcfg.variant}", "dataset": cfg.data.dataset, "world_size": world,
+        "device": str(device), "steps": step, "steps_per_epoch": steps_per_epoch, "epochs": step / steps_per_epoch,
+        "stopped_early": stopped_early, "train_seconds": t_train, "selected_step": best_step,
+        "select_metric": cfg.eval.select_metric, "best_val": best_value, "test": test, "test_std": {},
+        "test_seeds": [], "popularity_test": popularity,
+        "protocol": {"input": "the user's train vector (T-DiffRec: temporal weights)",
+                     "masked": "valid: train items; test: train + valid items (targets never)",
+                     "full_catalog": True, "ties": cfg.eval.ties, "selection": "validation",
+                     "test_evaluated_once": True, "users_without_targets": "skipped, counted"},
+        "config": cfg.to_dict(), "loss_curve": report.losses, "validation": report.val,
+    }
+    report.save(payload)
+    report.close()
+    barrier()
+    return payload

@@ -1,0 +1,156 @@
+"""DiffRec with its N-wide layers in the sharded item table equals the dense single-process
+reference (``recsys_dist.models.diffrec.DiffRec``) on the same global batches.
+
+The sharded job runs on 2 real gloo ranks (row-wise sharded table, fused SGD; or the replicated
+table with AdamW); the reference is one process holding in_proj / out_proj as dense layers,
+started from the same weights and fed the same timesteps, noise and dropout masks (drawn for
+all N columns from the streams the ranks draw their column blocks from). Compared over 20
+steps: the per-step global loss (atol 1e-4 on losses of ~1-60: float summation order differs
+in the split matmuls and the all-reduces) and the weights after the 20 updates, which carry
+every gradient: SGD (scale-sensitive) atol 1e-5; AdamW bounded relative to how far the weights
+moved (Adam's 1/sqrt(v) amplifies tiny gradient differences, as in test_sharded_training.py).
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from distributed_harness import run_distributed
+
+N_ITEMS, GLOBAL_B, STEPS, CHUNK = 37, 8, 20, 8
+
+
+def _diffrec_cfg():
+    from recsys_dist.models.diffrec import DiffRecConfig
+    return DiffRecConfig(dims=(6, 10), emb_size=4, steps=5, noise_scale=1.0, noise_min=0.1, noise_max=0.5,
+                         history_num_per_term=2, dropout=0.5, beta_fixed=False)  # beta_1 = 1e-5 would weigh t = 1 by 1e5: SGD diverges
+
+
+def _batches():
+    """STEPS global batches of users' train item lists (0-based item indices), jagged."""
+    rng = np.random.default_rng(3)
+    out = []
+    for _ in range(STEPS):
+        users = [rng.choice(N_ITEMS, size=rng.integers(1, 9), replace=False) for _ in range(GLOBAL_B)]
+        out.append(users)
+    return out
+
+
+def _jagged(users):
+    lens = torch.tensor([len(u) for u in users], dtype=torch.long)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(lens, 0)])
+    items = torch.tensor(np.concatenate(users) if users else [], dtype=torch.long)
+    return offsets, items
+
+
+def _sharded(sharding: str, optimizer: str):
+    from recsys_dist.config import JobConfig
+    import recsys_dist.sparse.wide as wide_mod
+    from recsys_dist.train.diffrec_job import build_parts, train_step
+    from recsys_dist.train.distributed import init_distributed, seed_everything
+
+    wide_mod.NOISE_CHUNK = CHUNK  # noise chunks straddle the shard boundary (rows 19 | 20 of 38)
+    device = torch.device("cpu")
+    rank, world = init_distributed(device)
+    cfg = JobConfig()
+    cfg.diffrec = _diffrec_cfg()
+    cfg.sparse.sharding, cfg.sparse.optimizer, cfg.sparse.init_block_rows = sharding, optimizer, 16
+    if optimizer == "sgd":
+        cfg.sparse.lr, cfg.train.optimizer, cfg.train.lr = 0.05, "sgd", 0.05
+    else:
+        cfg.sparse.lr, cfg.train.optimizer, cfg.train.lr = 0.01, "adamw", 0.01
+        cfg.sparse.betas = cfg.train.betas = (0.9, 0.999)
+    cfg.train.grad_clip = 0.0
+    b = GLOBAL_B // world
+    cfg.train.batch_size = b
+    seed_everything(0)
+    engine, wide = build_parts(cfg, N_ITEMS, device)
+    initial = {"table": wide.table.full_table(), "core": {k: v.clone() for k, v in engine.module.core.state_dict().items()}}
+    losses = []
+    for step, users in enumerate(_batches()):
+        offsets, items = _jagged(users[rank * b:(rank + 1) * b])
+        losses.append(float(train_step(engine, wide, cfg.diffrec, offsets, items, step, seed=7)))
+    return {"initial": initial, "losses": torch.tensor(losses), "table": wide.table.full_table(),
+            "core": {k: v.detach().clone() for k, v in engine.module.core.state_dict().items()},
+            "history": engine.module.diffusion.Lt_history.clone()}
+
+
+def _reference(initial, optimizer: str):
+    """The dense DiffRec, one process, same weights / timesteps / noise / dropout masks."""
+    from recsys_dist.config import stream_seed
+    from recsys_dist.models.diffrec import DiffRec
+    from recsys_dist.sparse.wide import column_noise
+    import recsys_dist.sparse.wide as wide_mod
+
+    wide_mod.NOISE_CHUNK = CHUNK
+    cfg = _diffrec_cfg()
+    model = DiffRec(cfg, N_ITEMS)
+    table = torch.as_tensor(initial["table"])
+    h_in, h_out = model.denoiser.core.in_width, model.denoiser.core.out_width
+    with torch.no_grad():
+        model.denoiser.core.load_state_dict({k: torch.as_tensor(v) for k, v in initial["core"].items()})
+        model.denoiser.in_proj.weight.copy_(table[1:, :h_in].t())
+        model.denoiser.out_proj.weight.copy_(table[1:, h_in:h_in + h_out])
+        model.denoiser.out_proj.bias.copy_(table[1:, h_in + h_out])
+    params = list(model.denoiser.parameters())
+    opt = (torch.optim.SGD(params, lr=0.05) if optimizer == "sgd"
+           else torch.optim.AdamW(params, lr=0.01, betas=(0.9, 0.999), weight_decay=0.0))
+    model.train()
+    losses = []
+    for step, users in enumerate(_batches()):
+        x0 = torch.zeros(GLOBAL_B, N_ITEMS)
+        for u, items in enumerate(users):
+            x0[u, items] = 1.0
+        gen = torch.Generator().manual_seed(stream_seed(7, "diffrec-t", step))
+        noise = {"t_u": torch.rand(GLOBAL_B, generator=gen, dtype=torch.float64),
+                 "eps": column_noise(7, "diffrec-eps", step, GLOBAL_B, 0, N_ITEMS),
+                 "drop_mask": column_noise(7, "diffrec-dropout", step, GLOBAL_B, 0, N_ITEMS, "uniform") >= cfg.dropout}
+        opt.zero_grad()
+        loss = model.loss(x0, noise)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    d = model.denoiser
+    rows = torch.cat([d.in_proj.weight.t(), d.out_proj.weight, d.out_proj.bias[:, None]], dim=1)
+    rows = torch.cat([rows, torch.zeros(N_ITEMS, table.shape[1] - rows.shape[1])], dim=1)  # the zero pad columns
+    table_out = torch.cat([torch.zeros(1, table.shape[1]), rows])
+    return {"losses": torch.tensor(losses), "table": table_out.detach(),
+            "core": {k: v.detach() for k, v in d.core.state_dict().items()},
+            "history": model.diffusion.Lt_history.clone()}
+
+
+def _distance(a: dict, b: dict) -> float:
+    return sum(float(((torch.as_tensor(a[k]) - torch.as_tensor(b[k])) ** 2).sum()) for k in a) ** 0.5
+
+
+@pytest.mark.parametrize("sharding,optimizer", [("row_wise", "sgd"), ("data_parallel", "adamw")])
+def test_two_sharded_ranks_equal_the_dense_reference(sharding, optimizer):
+    two = run_distributed(_sharded, 2, sharding, optimizer)
+    ref = _reference(two[0]["initial"], optimizer)
+    assert (two[0]["table"] == two[1]["table"]).all()
+    for k in two[0]["core"]:  # data-parallel replicas stay identical
+        assert (two[0]["core"][k] == two[1]["core"][k]).all(), k
+    sharded_losses = torch.as_tensor(two[0]["losses"])
+    assert torch.allclose(sharded_losses, ref["losses"], atol=1e-4, rtol=1e-5), (sharded_losses, ref["losses"])
+    assert torch.allclose(torch.as_tensor(two[0]["history"]), ref["history"], atol=1e-4, rtol=1e-5)
+    table0, table = torch.as_tensor(two[0]["initial"]["table"]), torch.as_tensor(two[0]["table"])
+    assert (table[0] == 0).all(), "the padding row never trains"
+    assert (table - table0).abs().max() > 1e-3, "the table did not train"
+    if optimizer == "sgd":
+        assert torch.allclose(table, ref["table"], atol=1e-5), (table - ref["table"]).abs().max()
+        for k in ref["core"]:
+            assert torch.allclose(torch.as_tensor(two[0]["core"][k]), ref["core"][k], atol=1e-5), k
+    else:
+        travel = float((ref["table"] - table0).norm())
+        assert float((table - ref["table"]).norm()) <= 0.01 * travel
+        core0 = two[0]["initial"]["core"]
+        assert _distance(two[0]["core"], ref["core"]) <= 0.01 * _distance(ref["core"], core0)
+
+
+def test_column_noise_is_world_size_independent():
+    from recsys_dist.sparse.wide import column_noise
+
+    full = column_noise(1, "x", 3, 5, 0, 50, chunk=8)
+    parts = torch.cat([column_noise(1, "x", 3, 5, lo, hi, chunk=8) for lo, hi in [(0, 13), (13, 17), (17, 50)]], dim=1)
+    assert torch.equal(full, parts)
+    assert not torch.equal(full, column_noise(1, "x", 4, 5, 0, 50, chunk=8))
