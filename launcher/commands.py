@@ -19,7 +19,14 @@ def prepare(args) -> int:
     from recsys_dist.train.loop import build_job_shards
     from shards import summarize
 
-    print(summarize(build_job_shards(load_config(args.config, args.overrides))))
+    cfg = load_config(args.config, args.overrides)
+    if cfg.model.name == "diffrec":  # per-user interaction sets (shards/sets.py)
+        from recsys_dist.train.diffrec_job import ensure_sets_shards
+        url, manifest = ensure_sets_shards(cfg, rank=0)
+        print(f"{url}: {manifest['format']}, {manifest['num_users']:,} users, {manifest['num_items']:,} items, "
+              f"{len(manifest['shards'])} shard(s), interactions {manifest['num_interactions']}")
+        return 0
+    print(summarize(build_job_shards(cfg)))
     return 0
 
 

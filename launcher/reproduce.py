@@ -8,7 +8,9 @@ A table is ``configs/reproduce/<TABLE>.yaml``::
         config: configs/beauty_diffurec.yaml
         overrides: [train.max_epochs=10, train.eval_every_epochs=1, train.patience=3]
         paper: {HR@10: 7.91, NDCG@10: 4.75}     # the paper's figures (%), its own protocol
+        official: {HR@10: 7.0}                  # the official code's, measured on this machine (%)
         target: HR@10 >= 7.9                    # free text: what this row must reach
+    columns: [HR@10, NDCG@10, HR@20, NDCG@20]  # optional: the metrics shown (default these)
 
 Every (row, seed) runs as ``repro-<TABLE>-<row>-s<seed>`` on N local ranks (torchrun), selected on
 validation, tested once (per eval-noise seed for generative models). The table reports, per row,
@@ -41,6 +43,7 @@ class Row:
     config: str
     overrides: list[str] = field(default_factory=list)
     paper: dict[str, float] = field(default_factory=dict)
+    official: dict[str, float] = field(default_factory=dict)
     target: str = ""
 
 
@@ -49,6 +52,7 @@ class Table:
     name: str
     seeds: list[int]
     rows: list[Row]
+    columns: list[str] = field(default_factory=lambda: list(COLUMNS))
 
     @classmethod
     def load(cls, name: str) -> "Table":
@@ -61,7 +65,8 @@ class Table:
             rows = [Row(**r) for r in data["rows"]]
         except (KeyError, TypeError) as exc:
             raise ConfigError(f"{path}: malformed table ({exc}); see launcher/reproduce.py") from None
-        return cls(name, [int(s) for s in data.get("seeds", [0, 1, 2])], rows)
+        return cls(name, [int(s) for s in data.get("seeds", [0, 1, 2])], rows,
+                   [str(c) for c in data.get("columns", COLUMNS)])
 
 
 def job_overrides(table: Table, row: Row, seed: int, extra: list[str]) -> list[str]:
@@ -73,30 +78,31 @@ def mean_sd(values: list[float]) -> tuple[float, float]:
 
 
 def summarize(table: Table, results: dict[str, list[dict[str, Any]]], nproc: int, extra: list[str]) -> str:
-    """Markdown table: mean ± sd (%) over training seeds, popularity, paper, target, time."""
-    head = ("| row | " + " | ".join(COLUMNS) + " | paper | target | seeds | epochs | train min (mean) |")
-    lines = [head, "|---|" + "---:|" * len(COLUMNS) + "---|---|---:|---:|---:|"]
-    pop_done = False
+    """Markdown table: mean ± sd (%) over training seeds, popularity (one row per dataset),
+    the paper's and the official code's figures, target, epochs, time."""
+    cols = table.columns
+    head = ("| row | " + " | ".join(cols) + " | paper | official code | target | seeds | epochs | train min (mean) |")
+    lines = [head, "|---|" + "---:|" * len(cols) + "---|---|---|---:|---:|---:|"]
+    popularity: dict[str, dict] = {}
     for row in table.rows:
         runs = results.get(row.name, [])
         if not runs:
-            lines.append(f"| {row.name} | " + " | ".join("failed" for _ in COLUMNS) + " | | | 0 | | |")
+            lines.append(f"| {row.name} | " + " | ".join("not run" for _ in cols) + f" | | | {row.target} | 0 | | |")
             continue
         cells = []
-        for c in COLUMNS:
+        for c in cols:
             m, sd = mean_sd([r["test"][c] for r in runs])
             cells.append(f"{100 * m:.2f} ± {100 * sd:.2f}")
         paper = ", ".join(f"{k} {v}" for k, v in row.paper.items())
+        official = ", ".join(f"{k} {v}" for k, v in row.official.items())
         epochs = statistics.fmean(r.get("epochs", float("nan")) for r in runs)
         minutes = statistics.fmean(r.get("train_seconds", 0.0) for r in runs) / 60
-        lines.append(f"| {row.name} | " + " | ".join(cells) + f" | {paper} | {row.target} | {len(runs)} | "
+        lines.append(f"| {row.name} | " + " | ".join(cells) + f" | {paper} | {official} | {row.target} | {len(runs)} | "
                      f"{epochs:.1f} | {minutes:.1f} |")
-        if not pop_done:
-            pop = runs[0]["popularity_test"]
-            pop_row = "| popularity | " + " | ".join(f"{100 * pop[c]:.2f}" for c in COLUMNS) + " | | | | | |"
-            pop_done = True
-    if pop_done:
-        lines.append(pop_row)
+        popularity.setdefault(runs[0].get("dataset", ""), runs[0]["popularity_test"])
+    for dataset, pop in popularity.items():
+        label = "popularity" + (f" ({dataset})" if len(popularity) > 1 else "")
+        lines.append(f"| {label} | " + " | ".join(f"{100 * pop[c]:.2f}" for c in cols) + " | | | | | | |")
     cmd = f"python -m launcher reproduce {table.name}" + (f" --nproc-per-node {nproc}" if nproc != 2 else "")
     cmd += "".join(f" {o}" for o in extra)
     lines += ["", f"Command: `{cmd}` (per row: `configs/reproduce/{table.name}.yaml`; seeds {table.seeds}). "
@@ -137,7 +143,7 @@ def run(args) -> int:
             m = json.loads(path.read_text())
             results.setdefault(row.name, []).append(m)
             curves.append((f"{row.name} s{seed}", [tuple(v) for v in m["validation"]]))
-    text = summarize(Table(table.name, table.seeds, rows), results, args.nproc_per_node, args.overrides)
+    text = summarize(Table(table.name, table.seeds, rows, table.columns), results, args.nproc_per_node, args.overrides)
     text += f" Wall time of this command: {(time.perf_counter() - t0) / 60:.1f} min."
     out = REPO_ROOT / "runs" / "reproduce"
     out.mkdir(parents=True, exist_ok=True)

@@ -292,15 +292,18 @@ def fit(cfg: JobConfig) -> dict[str, Any]:
     log.info("%d steps per epoch (%d users x %d ranks); up to %d epochs, validate every %d", steps_per_epoch,
              cfg.train.batch_size, world, epochs, every)
     bar = tqdm(total=epochs * steps_per_epoch, desc=f"train {cfg.name}", disable=rank != 0, dynamic_ncols=True)
-    step, best, best_value, best_step, t_train = 0, None, float("-inf"), None, 0.0
+    step, best, best_value, best_step, t_train, timed_steps, t_timed = 0, None, float("-inf"), None, 0.0, 0, 0.0
     stopped_early = False
     for epoch in range(epochs):
         reader.set_epoch(epoch)
         t0 = time.perf_counter()
         for batch in reader:
             offsets, items = batch["train"]
+            t_step = time.perf_counter()
             loss = train_step(engine, wide, dcfg, offsets, items - 1, step, cfg.train.seed)
             step += 1
+            if step > 2:  # the first steps pay for lazy initialisation
+                timed_steps, t_timed = timed_steps + 1, t_timed + time.perf_counter() - t_step
             if step % cfg.train.log_every == 0 or step == 1:
                 report.loss(step, loss.item())
                 bar.set_postfix(loss=f"{loss.item():.4f}", epoch=epoch)
@@ -339,6 +342,8 @@ def fit(cfg: JobConfig) -> dict[str, Any]:
         "device": str(device), "steps": step, "steps_per_epoch": steps_per_epoch, "epochs": step / steps_per_epoch,
         "stopped_early": stopped_early, "train_seconds": t_train, "selected_step": best_step,
         "select_metric": cfg.eval.select_metric, "best_val": best_value, "test": test, "test_std": {},
+        "seconds_per_step": t_timed / max(timed_steps, 1),
+        "samples_per_second": cfg.train.batch_size * world * timed_steps / max(t_timed, 1e-9),
         "test_seeds": [], "popularity_test": popularity,
         "protocol": {"input": "the user's train vector (T-DiffRec: temporal weights)",
                      "masked": "valid: train items; test: train + valid items (targets never)",
