@@ -183,17 +183,30 @@ def compare(args) -> int:
     return 0 if all(m is not None for _, _, m in rows) else 1
 
 
+SET_COMPARE_COLUMNS = ["Recall@10", "NDCG@10", "Recall@20", "NDCG@20", "Recall@50", "NDCG@50"]
+
+
 def compare_table(rows: list[tuple[str, str, dict | None]], nproc: int) -> str:
-    """Markdown: test metrics (%) of the validation-selected state, train time, sampling time."""
-    head = ("| dataset | model | " + " | ".join(COMPARE_COLUMNS) +
+    """Markdown: test metrics (%) of the validation-selected state, train time, sampling time.
+    Rows of set models (several held-out items per user: Recall@K) get their own table."""
+    def is_set(m: dict | None) -> bool:
+        return m is not None and "Recall@10" in m["test"]
+
+    groups = [(COMPARE_COLUMNS, [r for r in rows if not is_set(r[2])]),
+              (SET_COMPARE_COLUMNS, [r for r in rows if is_set(r[2])])]
+    return "\n\n".join(_compare_block(cols, part) for cols, part in groups if part)
+
+
+def _compare_block(columns: list[str], rows: list[tuple[str, str, dict | None]]) -> str:
+    head = ("| dataset | model | " + " | ".join(columns) +
             " | steps | train min | eval s / 1k users | test users |")
-    lines = [head, "|---|---|" + "---:|" * (len(COMPARE_COLUMNS) + 4)]
+    lines = [head, "|---|---|" + "---:|" * (len(columns) + 4)]
     for dataset, model, m in rows:
         if m is None:
-            lines.append(f"| {dataset} | {model} | failed |" + " |" * (len(COMPARE_COLUMNS) + 3))
+            lines.append(f"| {dataset} | {model} | failed |" + " |" * (len(columns) + 3))
             continue
         test = m["test"]
-        cells = " | ".join(metric_cell(test[c], m.get("test_std"), c) for c in COMPARE_COLUMNS)
+        cells = " | ".join(metric_cell(test[c], m.get("test_std"), c) for c in columns)
         if "steps" in m:
             train_min = m["steps"] * m["seconds_per_step"] / 60
             per_k = 1000 * test["seconds"] / max(test["num_users"], 1)

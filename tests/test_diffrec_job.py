@@ -58,3 +58,16 @@ def test_two_rank_job_learns_what_popularity_cannot(tmp_path):
     assert pop["Recall@10"] < 0.45, pop
     assert test["Recall@10"] > 0.6, test
     assert len(m["validation"]) == 4 and m["selected_step"] in [s for s, _ in m["validation"]]
+
+
+def test_compare_table_gives_set_models_their_own_columns():
+    from launcher.commands import compare_table
+
+    seq = {"test": {**{k: 0.1 for k in ["HR@10", "NDCG@10", "HR@20", "NDCG@20", "HR@50", "NDCG@50"]}, "num_users": 5}}
+    sets = {"test": {k: 0.2 for k in ["Recall@10", "NDCG@10", "Recall@20", "NDCG@20", "Recall@50", "NDCG@50",
+                                      "HR@10", "HR@20", "HR@50"]}}
+    sets["test"]["num_users"] = 7
+    text = compare_table([("ml1m", "sasrec", seq), ("ml1m-diffrec", "diffrec", sets)], 2)
+    seq_block, set_block = text.split("\n\n")
+    assert "HR@10" in seq_block.splitlines()[0] and "| ml1m | sasrec | 10.00" in seq_block
+    assert "Recall@10" in set_block.splitlines()[0] and "| ml1m-diffrec | diffrec | 20.00" in set_block

@@ -337,8 +337,15 @@ def fit(cfg: JobConfig) -> dict[str, Any]:
     popularity = evaluate_split(engine.module, wide, cfg, "test", url, popularity=counts)
     log.info("test (state of step %d, selected on val %s): %s", best_step, cfg.eval.select_metric,
              " ".join(f"{k}={v:.4f}" for k, v in test.items() if k.startswith(("Recall@", "NDCG@"))))
+    import resource
+    rss = [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20]  # KiB -> GiB (Linux)
+    if world > 1:
+        rss = [None] * world
+        dist.all_gather_object(rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
     payload = {
-        "name": cfg.name, "model": f"diffrec:{dcfg.variant}", "dataset": cfg.data.dataset, "world_size": world,
+        "name": cfg.name, "model": f"diffrec:{dcfg.variant}", "peak_rss_gib_per_rank": rss,
+        "item_table": {"rows": wide.table.num_rows, "dim": wide.layout.dim, "sharding": cfg.sparse.sharding,
+                       "rows_per_rank": wide.block_width}, "dataset": cfg.data.dataset, "world_size": world,
         "device": str(device), "steps": step, "steps_per_epoch": steps_per_epoch, "epochs": step / steps_per_epoch,
         "stopped_early": stopped_early, "train_seconds": t_train, "selected_step": best_step,
         "select_metric": cfg.eval.select_metric, "best_val": best_value, "test": test, "test_std": {},
