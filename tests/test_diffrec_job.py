@@ -2,11 +2,13 @@
 test, on a small catalog with planted structure that popularity cannot see.
 
 Data: 2 clusters of 20 items; each of 120 users has 8 train, 2 validation and 2 test items from
-its own cluster (the last user none in test: skipped and counted). Every item is about equally
-popular, so the popularity ranker sits near a random ranker (Recall@10 ~ 10/32 ~ 0.31 of the 2
-test items among the 32 unmasked items); a model that learns the clusters ranks the 12 unmasked
-items of the user's cluster first (Recall@10 ~ 10/12). A broken model (no learning, wrong
-masking, wrong shard assembly) stays near 0.3.
+its own cluster (the last user none in test: skipped and counted). At test, the 8 train and 2
+validation items are masked: 30 candidates, 10 of them in the user's cluster, 2 of those the
+targets. Every item is about equally popular, so the popularity ranker sits near a random
+ranker (Recall@10 ~ 10/30 ~ 0.33); a model that learns the clusters ranks the 10 cluster items
+first (Recall@10 ~ 1; measured 0.99). A model that did not learn stays near 0.33; one whose test
+forgot to mask the validation items ranks 12 cluster items for 10 slots (Recall@10 ~ 0.83):
+both fail the 0.9 bound.
 """
 
 import json
@@ -56,7 +58,7 @@ def test_two_rank_job_learns_what_popularity_cannot(tmp_path):
     test, pop = m["test"], m["popularity_test"]
     assert test["num_users"] == USERS - 1 and test["num_skipped_users"] == 1
     assert pop["Recall@10"] < 0.45, pop
-    assert test["Recall@10"] > 0.6, test
+    assert test["Recall@10"] > 0.9, test
     assert len(m["validation"]) == 4 and m["selected_step"] in [s for s, _ in m["validation"]]
 
 

@@ -4,11 +4,15 @@ reference (``recsys_dist.models.diffrec.DiffRec``) on the same global batches.
 The sharded job runs on 2 real gloo ranks (row-wise sharded table, fused SGD; or the replicated
 table with AdamW); the reference is one process holding in_proj / out_proj as dense layers,
 started from the same weights and fed the same timesteps, noise and dropout masks (drawn for
-all N columns from the streams the ranks draw their column blocks from). Compared over 20
+all N columns from the streams the ranks draw their column blocks from). Three settings: the
+row-wise table with fused SGD, the replicated table with SGD (T-DiffRec weights, input
+normalisation) and the replicated table with AdamW (the ML-1M configs'). Compared over 20
 steps: the per-step global loss (atol 1e-4 on losses of ~1-60: float summation order differs
 in the split matmuls and the all-reduces) and the weights after the 20 updates, which carry
 every gradient: SGD (scale-sensitive) atol 1e-5; AdamW bounded relative to how far the weights
 moved (Adam's 1/sqrt(v) amplifies tiny gradient differences, as in test_sharded_training.py).
+Then the sharded reverse chain, with 3 users on rank 0 and none on rank 1, must give every
+item the score the dense model's ``infer`` gives on the same final weights (atol 1e-5).
 """
 
 import numpy as np
@@ -20,10 +24,11 @@ from distributed_harness import run_distributed
 N_ITEMS, GLOBAL_B, STEPS, CHUNK = 37, 8, 20, 8
 
 
-def _diffrec_cfg():
+def _diffrec_cfg(variant: str = "diffrec", norm: bool = False):
     from recsys_dist.models.diffrec import DiffRecConfig
-    return DiffRecConfig(dims=(6, 10), emb_size=4, steps=5, noise_scale=1.0, noise_min=0.1, noise_max=0.5,
-                         history_num_per_term=2, dropout=0.5, beta_fixed=False)  # beta_1 = 1e-5 would weigh t = 1 by 1e5: SGD diverges
+    return DiffRecConfig(variant=variant, norm=norm, dims=(6, 10), emb_size=4, steps=5, noise_scale=1.0,
+                         noise_min=0.1, noise_max=0.5, history_num_per_term=2, dropout=0.5,
+                         beta_fixed=False)  # beta_1 = 1e-5 would weigh t = 1 by 1e5: SGD diverges
 
 
 def _batches():
@@ -43,17 +48,29 @@ def _jagged(users):
     return offsets, items
 
 
-def _sharded(sharding: str, optimizer: str):
+def _x0(users, cfg) -> torch.Tensor:
+    """(B, N) dense x_0 as the official loaders build it (T-DiffRec: temporal weights)."""
+    from recsys_dist.models.diffrec import interaction_matrix, temporal_weights
+
+    pairs = np.array([[u, i] for u, items in enumerate(users) for i in items], dtype=np.int64)
+    weights = temporal_weights(torch.as_tensor(pairs[:, 0]), cfg.w_min, cfg.w_max) if cfg.temporal else None
+    return interaction_matrix(pairs, len(users), N_ITEMS, weights)
+
+
+EVAL_USERS = 3  # rank 0 scores 3 users, rank 1 none: uneven eval batches
+
+
+def _sharded(sharding: str, optimizer: str, variant: str = "diffrec", norm: bool = False):
     from recsys_dist.config import JobConfig
     import recsys_dist.sparse.wide as wide_mod
-    from recsys_dist.train.diffrec_job import build_parts, train_step
+    from recsys_dist.train.diffrec_job import build_parts, score_queries, train_step
     from recsys_dist.train.distributed import init_distributed, seed_everything
 
     wide_mod.NOISE_CHUNK = CHUNK  # noise chunks straddle the shard boundary (rows 19 | 20 of 38)
     device = torch.device("cpu")
     rank, world = init_distributed(device)
     cfg = JobConfig()
-    cfg.diffrec = _diffrec_cfg()
+    cfg.diffrec = _diffrec_cfg(variant, norm)
     cfg.sparse.sharding, cfg.sparse.optimizer, cfg.sparse.init_block_rows = sharding, optimizer, 16
     if optimizer == "sgd":
         cfg.sparse.lr, cfg.train.optimizer, cfg.train.lr = 0.05, "sgd", 0.05
@@ -70,37 +87,48 @@ def _sharded(sharding: str, optimizer: str):
     for step, users in enumerate(_batches()):
         offsets, items = _jagged(users[rank * b:(rank + 1) * b])
         losses.append(float(train_step(engine, wide, cfg.diffrec, offsets, items, step, seed=7)))
-    return {"initial": initial, "losses": torch.tensor(losses), "table": wide.table.full_table(),
+    offsets, items = _jagged(_batches()[0][:EVAL_USERS] if rank == 0 else [])
+    queries = score_queries(engine.module, wide, cfg.diffrec, offsets, items)
+    table = wide.table.full_table()
+    h_in, h_out = wide.layout.in_width, wide.layout.out_width
+    scores = queries @ table[1:, h_in:h_in + h_out + 1].t()  # what the evaluator ranks: (users, N)
+    return {"initial": initial, "losses": torch.tensor(losses), "table": table, "scores": scores,
             "core": {k: v.detach().clone() for k, v in engine.module.core.state_dict().items()},
             "history": engine.module.diffusion.Lt_history.clone()}
 
 
-def _reference(initial, optimizer: str):
+def _dense_from(table, core, cfg):
+    """A dense DiffRec holding the given table rows and core weights."""
+    from recsys_dist.models.diffrec import DiffRec
+
+    model = DiffRec(cfg, N_ITEMS)
+    table = torch.as_tensor(table)
+    h_in, h_out = model.denoiser.core.in_width, model.denoiser.core.out_width
+    with torch.no_grad():
+        model.denoiser.core.load_state_dict({k: torch.as_tensor(v) for k, v in core.items()})
+        model.denoiser.in_proj.weight.copy_(table[1:, :h_in].t())
+        model.denoiser.out_proj.weight.copy_(table[1:, h_in:h_in + h_out])
+        model.denoiser.out_proj.bias.copy_(table[1:, h_in + h_out])
+    return model
+
+
+def _reference(initial, optimizer: str, variant: str = "diffrec", norm: bool = False):
     """The dense DiffRec, one process, same weights / timesteps / noise / dropout masks."""
     from recsys_dist.config import stream_seed
-    from recsys_dist.models.diffrec import DiffRec
     from recsys_dist.sparse.wide import column_noise
     import recsys_dist.sparse.wide as wide_mod
 
     wide_mod.NOISE_CHUNK = CHUNK
-    cfg = _diffrec_cfg()
-    model = DiffRec(cfg, N_ITEMS)
+    cfg = _diffrec_cfg(variant, norm)
+    model = _dense_from(initial["table"], initial["core"], cfg)
     table = torch.as_tensor(initial["table"])
-    h_in, h_out = model.denoiser.core.in_width, model.denoiser.core.out_width
-    with torch.no_grad():
-        model.denoiser.core.load_state_dict({k: torch.as_tensor(v) for k, v in initial["core"].items()})
-        model.denoiser.in_proj.weight.copy_(table[1:, :h_in].t())
-        model.denoiser.out_proj.weight.copy_(table[1:, h_in:h_in + h_out])
-        model.denoiser.out_proj.bias.copy_(table[1:, h_in + h_out])
     params = list(model.denoiser.parameters())
     opt = (torch.optim.SGD(params, lr=0.05) if optimizer == "sgd"
            else torch.optim.AdamW(params, lr=0.01, betas=(0.9, 0.999), weight_decay=0.0))
     model.train()
     losses = []
     for step, users in enumerate(_batches()):
-        x0 = torch.zeros(GLOBAL_B, N_ITEMS)
-        for u, items in enumerate(users):
-            x0[u, items] = 1.0
+        x0 = _x0(users, cfg)
         gen = torch.Generator().manual_seed(stream_seed(7, "diffrec-t", step))
         noise = {"t_u": torch.rand(GLOBAL_B, generator=gen, dtype=torch.float64),
                  "eps": column_noise(7, "diffrec-eps", step, GLOBAL_B, 0, N_ITEMS),
@@ -123,10 +151,14 @@ def _distance(a: dict, b: dict) -> float:
     return sum(float(((torch.as_tensor(a[k]) - torch.as_tensor(b[k])) ** 2).sum()) for k in a) ** 0.5
 
 
-@pytest.mark.parametrize("sharding,optimizer", [("row_wise", "sgd"), ("data_parallel", "adamw")])
-def test_two_sharded_ranks_equal_the_dense_reference(sharding, optimizer):
-    two = run_distributed(_sharded, 2, sharding, optimizer)
-    ref = _reference(two[0]["initial"], optimizer)
+@pytest.mark.parametrize("sharding,optimizer,variant,norm", [
+    ("row_wise", "sgd", "diffrec", False),  # the fused kernel's gradient scale
+    ("data_parallel", "sgd", "t-diffrec", True),  # the replicated table's gradient scale, weights, norm
+    ("data_parallel", "adamw", "diffrec", False),  # the ML-1M configs' optimizer
+])
+def test_two_sharded_ranks_equal_the_dense_reference(sharding, optimizer, variant, norm):
+    two = run_distributed(_sharded, 2, sharding, optimizer, variant, norm)
+    ref = _reference(two[0]["initial"], optimizer, variant, norm)
     assert (two[0]["table"] == two[1]["table"]).all()
     for k in two[0]["core"]:  # data-parallel replicas stay identical
         assert (two[0]["core"][k] == two[1]["core"][k]).all(), k
@@ -145,6 +177,15 @@ def test_two_sharded_ranks_equal_the_dense_reference(sharding, optimizer):
         assert float((table - ref["table"]).norm()) <= 0.01 * travel
         core0 = two[0]["initial"]["core"]
         assert _distance(two[0]["core"], ref["core"]) <= 0.01 * _distance(ref["core"], core0)
+    # evaluation: the sharded reverse chain (3 users on rank 0, none on rank 1) scores every item
+    # as the dense model's infer() on the same final weights does
+    cfg = _diffrec_cfg(variant, norm)
+    dense = _dense_from(two[0]["table"], two[0]["core"], cfg).eval()
+    with torch.no_grad():
+        expected = dense.infer(_x0(_batches()[0][:EVAL_USERS], cfg))
+    scores = torch.as_tensor(two[0]["scores"])
+    assert scores.shape == (EVAL_USERS, N_ITEMS) and torch.as_tensor(two[1]["scores"]).shape[0] == 0
+    assert torch.allclose(scores, expected, atol=1e-5, rtol=1e-4), (scores - expected).abs().max()
 
 
 def test_column_noise_is_world_size_independent():

@@ -1,8 +1,14 @@
 """The Kubernetes manifests in k8s/: every overlay renders, validates, and is wired as the
 launcher expects.
 
-Each overlay (Indexed Job or PyTorchJob, on CPU or GPU) is rendered once with
-``kubectl kustomize`` (skipped, with the reason, where kubectl is missing). Core objects are
+Each overlay (Indexed Job or PyTorchJob, on CPU or GPU) is rendered once with plain
+``kubectl kustomize`` -- no ``--load-restrictor`` flag, so what renders here is what
+``kubectl apply -k`` applies (skipped, with the reason, where kubectl is missing). The configs
+ConfigMap is generated from k8s/common/configs/, a copy of configs/ written by
+``make k8s-configs`` (k8s/sync_configs.py); a test fails, naming that command, while the copy
+or the file lists generated with it are out of step with configs/. The PyTorchJob's Worker
+replicas come from NNODES_WORKERS by a kustomize replacement, and NNODES_WORKERS = NNODES - 1
+is checked here and by the pod's own script. Core objects are
 validated against the Kubernetes OpenAPI schemas bundled with ``kubernetes-validate`` (strict:
 unknown fields are errors), the PyTorchJob against the openAPIV3Schema of the CRD in k8s/crds/
 plus its pod templates against the core PodTemplate schema. The container's shell script is
@@ -18,6 +24,7 @@ import re
 import shutil
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import jsonschema
@@ -28,6 +35,9 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parent.parent
 K8S = REPO_ROOT / "k8s"
 CONFIGS = REPO_ROOT / "configs"
+K8S_CONFIGS = K8S / "common" / "configs"  # the copy the configs ConfigMap is generated from
+SYNC_CONFIGS = K8S / "sync_configs.py"     # writes it: make k8s-configs
+FIX = "run `make k8s-configs` (python3 k8s/sync_configs.py) and commit k8s/"
 CRD_FILE = K8S / "crds" / "kubeflow.org_pytorchjobs.yaml"
 KUBECTL = shutil.which("kubectl")
 
@@ -61,9 +71,9 @@ def render(overlay: str) -> tuple[str, list[dict]]:
     if KUBECTL is None:
         pytest.skip("kubectl not found on PATH: the k8s/ overlays are rendered with `kubectl kustomize`")
     if overlay not in _RENDERED:
-        # configMapGenerator reads ../../configs, outside the kustomization root (k8s/README.md).
-        proc = subprocess.run([KUBECTL, "kustomize", "--load-restrictor", "LoadRestrictionsNone",
-                               str(overlay_dir(overlay))], capture_output=True, text=True, timeout=60)
+        # No flags: the default load restrictor, as `kubectl apply -k` builds it.
+        proc = subprocess.run([KUBECTL, "kustomize", str(overlay_dir(overlay))],
+                              capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, f"kubectl kustomize {overlay} failed:\n{proc.stderr}"
         _RENDERED[overlay] = (proc.stdout, [d for d in yaml.safe_load_all(proc.stdout) if d])
     return _RENDERED[overlay]
@@ -407,8 +417,13 @@ def test_pytorchjob_replicas_and_rendezvous(overlay):
     docs = objects(overlay)
     job = only(docs, "PyTorchJob")
     replicas = job["spec"]["pytorchReplicaSpecs"]
+    p = params(docs)
     assert replicas["Master"]["replicas"] == 1
-    assert 1 + replicas["Worker"]["replicas"] == int(params(docs)["NNODES"])
+    assert 1 + replicas["Worker"]["replicas"] == int(p["NNODES"])
+    # the Worker count is the overlay's NNODES_WORKERS (a replacement), stated as NNODES - 1
+    assert int(p["NNODES_WORKERS"]) == int(p["NNODES"]) - 1, \
+        f"{overlay}: set NNODES_WORKERS = NNODES - 1 in its kustomization.yaml"
+    assert replicas["Worker"]["replicas"] == int(p["NNODES_WORKERS"])
     assert replicas["Master"]["template"] == replicas["Worker"]["template"]
     for spec in replicas.values():
         assert spec["restartPolicy"] == "OnFailure"
@@ -556,3 +571,117 @@ def test_mounted_configs_load_like_the_checkout(overlay, tmp_path):
     assert mounted == load_config(REPO_ROOT / p["CONFIG"], overrides)
     assert mounted.data.shards_url == p["SHARDS_URL"]
 
+
+
+# ----------------------------------------------- plain `kubectl apply -k`: the configs copy
+
+
+def test_kustomizations_read_no_file_outside_their_directory():
+    """The default load restrictor (the only one `kubectl apply -k` has) refuses files outside a
+    kustomization's directory: no generator or patch file may reach out of it. Resources and
+    components (directories) may."""
+    for path in K8S.rglob("kustomization.yaml"):
+        k = yaml.safe_load(path.read_text())
+        files = [f.split("=", 1)[-1] for gen in k.get("configMapGenerator", []) + k.get("secretGenerator", [])
+                 for f in gen.get("files", []) + gen.get("envs", [])]
+        files += [p["path"] for p in k.get("patches", []) if "path" in p]
+        for f in files:
+            resolved = (path.parent / f).resolve()
+            assert resolved.is_relative_to(path.parent.resolve()), f"{path.relative_to(REPO_ROOT)}: {f}"
+            assert resolved.is_file(), f"{path.relative_to(REPO_ROOT)}: {f} does not exist"
+
+
+def test_the_configs_copy_in_k8s_is_in_step_with_configs():
+    """k8s/common/configs/ holds exactly the files of configs/, byte for byte, and the
+    generated lists (ConfigMap files, both volumes' items) name exactly them."""
+    copy = {p.relative_to(K8S_CONFIGS).as_posix(): p.read_bytes()
+            for p in sorted(K8S_CONFIGS.rglob("*")) if p.is_file()}
+    repo = {p.relative_to(CONFIGS).as_posix(): p.read_bytes() for p in sorted(CONFIGS.rglob("*.yaml"))}
+    missing, stale = sorted(set(repo) - set(copy)), sorted(set(copy) - set(repo))
+    changed = sorted(k for k in set(repo) & set(copy) if repo[k] != copy[k])
+    assert not (missing or stale or changed), \
+        f"k8s/common/configs/ is out of step with configs/ (missing {missing}, not in configs/ {stale}, " \
+        f"changed {changed}): {FIX}"
+    proc = subprocess.run([sys.executable, "-B", str(SYNC_CONFIGS), "--check"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, f"{proc.stdout}{proc.stderr}\n{FIX}"
+
+
+def copy_of_the_manifests(tmp_path: Path) -> Path:
+    """configs/ and k8s/ of this checkout under tmp_path (what sync_configs.py and kustomize read)."""
+    root = tmp_path / "repo"
+    shutil.copytree(CONFIGS, root / "configs")
+    shutil.copytree(K8S, root / "k8s", ignore=shutil.ignore_patterns("__pycache__"))
+    return root
+
+
+def test_make_k8s_configs_brings_a_changed_configs_dir_back_in_step(tmp_path):
+    """On a copy: a new, a changed and a removed config make --check fail; writing fixes the
+    copy and every list, and plain `kubectl kustomize` then holds and mounts the new file."""
+    if KUBECTL is None:
+        pytest.skip("kubectl not found on PATH")
+    root = copy_of_the_manifests(tmp_path)
+    script = [sys.executable, "-B", str(root / "k8s" / "sync_configs.py"), "--root", str(root)]
+    (root / "configs" / "models" / "tiny.yaml").write_text("model:\n  dim: 8\n")
+    (root / "configs" / "datasets" / "ml1m.yaml").write_text(
+        (CONFIGS / "datasets" / "ml1m.yaml").read_text() + "# changed\n")
+    (root / "configs" / "zhihu_sasrec.yaml").unlink()
+    check = subprocess.run(script + ["--check"], capture_output=True, text=True, timeout=60)
+    assert check.returncode == 1
+    assert "make k8s-configs" in check.stderr
+    for line in ("out of step: k8s/common/configs/models/tiny.yaml",
+                 "out of step: k8s/common/configs/datasets/ml1m.yaml",
+                 "not in configs/: k8s/common/configs/zhihu_sasrec.yaml",
+                 "out of step: k8s/common/kustomization.yaml",
+                 "out of step: k8s/indexed-job/base/job.yaml",
+                 "out of step: k8s/pytorchjob/base/pytorchjob.yaml"):
+        assert line in check.stdout.splitlines(), check.stdout
+    assert subprocess.run(script, capture_output=True, text=True, timeout=60).returncode == 0
+    assert subprocess.run(script + ["--check"], capture_output=True, text=True, timeout=60).returncode == 0
+    want = {p.relative_to(root / "configs").as_posix(): p.read_text()
+            for p in (root / "configs").rglob("*.yaml")}
+    for overlay in ("indexed-job/cpu", "pytorchjob/gpu"):
+        kind, hardware = overlay.split("/")
+        proc = subprocess.run([KUBECTL, "kustomize", str(root / "k8s" / kind / "overlays" / hardware)],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        docs = [d for d in yaml.safe_load_all(proc.stdout) if d]
+        data = configmap(docs, "recsys-dist-configs")["data"]
+        assert {k.replace("__", "/"): v for k, v in data.items()} == want
+        for name, template in pod_templates(docs).items():
+            items = {i["key"]: i["path"] for i in volume_for_mount(template, f"{WORKDIR}/configs")["configMap"]["items"]}
+            assert items == {k: k.replace("__", "/") for k in data}, name
+            assert items["models__tiny.yaml"] == "models/tiny.yaml"
+
+
+def test_worker_replicas_follow_the_overlay_parameters(tmp_path):
+    """On a copy: NNODES=5, NNODES_WORKERS=4 in the PyTorchJob overlay render 4 Worker replicas,
+    with no other edit."""
+    if KUBECTL is None:
+        pytest.skip("kubectl not found on PATH")
+    root = copy_of_the_manifests(tmp_path)
+    path = root / "k8s" / "pytorchjob" / "overlays" / "cpu" / "kustomization.yaml"
+    text = path.read_text()
+    assert text.count("- NNODES=2 ") == 1 and text.count("- NNODES_WORKERS=1 ") == 1
+    path.write_text(text.replace("- NNODES=2 ", "- NNODES=5 ").replace("- NNODES_WORKERS=1 ", "- NNODES_WORKERS=4 "))
+    proc = subprocess.run([KUBECTL, "kustomize", str(path.parent)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    docs = [d for d in yaml.safe_load_all(proc.stdout) if d]
+    replicas = only(docs, "PyTorchJob")["spec"]["pytorchReplicaSpecs"]
+    assert (replicas["Master"]["replicas"], replicas["Worker"]["replicas"]) == (1, 4)
+    assert params(docs)["NNODES"] == "5"
+
+
+@pytest.mark.parametrize("overlay", PYTORCHJOB)
+def test_pod_refuses_a_worker_count_that_is_not_nnodes_minus_one(overlay, tmp_path):
+    """A pod whose NNODES_WORKERS is not NNODES - 1 fails at start with one line (rather than
+    waiting in the rendezvous for nodes that never come)."""
+    docs = objects(overlay)
+    template = pod_templates(docs)["Master"]
+    env = {"PATH": os.environ["PATH"], **container_env(docs, trainer(template)), **pod_env(overlay),
+           "NNODES": "3", "NNODES_WORKERS": "1"}
+    proc = subprocess.run(["bash", "-c", trainer(template)["args"][0]], env=env,
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == ("recsys-dist-params: NNODES_WORKERS=1 must be NNODES - 1 (NNODES=3); "
+                                   "set both in the overlay")

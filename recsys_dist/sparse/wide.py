@@ -178,7 +178,7 @@ class WideLayers:
 
     def row_norms(self, x_block: torch.Tensor) -> torch.Tensor:
         """(B,) L2 norms of the full N-wide rows (collective; no gradient needed: x is data)."""
-        sq = (x_block.detach() ** 2).sum(dim=1)
+        sq = (x_block.detach() ** 2).sum(dim=1)  # on the block's device (CPU: gloo; CUDA: NCCL)
         _, world = _group_world(self.group)
         if world > 1:
             dist.all_reduce(sq, group=self.group)

@@ -89,18 +89,22 @@ def train_step(engine, wide: WideLayers, cfg: DiffRecConfig, offsets: torch.Tens
     model: DiffRecDense = engine.module
     diffusion = model.diffusion
     rank = dist.get_rank() if dist.is_initialized() else 0
+    device = wide.table.dmp.device
     ids, vals, sizes = wide.gather_users(offsets, items, user_values(offsets, cfg))
+    if len(set(sizes)) > 1:  # identical decision on every rank (sizes are all-gathered)
+        raise ValueError(f"DiffRec train step {step}: ranks have different batch sizes {sizes}")
     batch = sum(sizes)
     gen = torch.Generator().manual_seed(stream_seed(seed, "diffrec-t", step))
     t, pt = diffusion.sample_timesteps(torch.rand(batch, generator=gen, dtype=torch.float64))
-    x0 = wide.dense_block(ids, vals)
-    eps = column_noise(seed, "diffrec-eps", step, batch, wide.item_lo, wide.item_hi)
+    t, pt = t.to(device), pt.to(device)
+    x0 = wide.dense_block(ids, vals).to(device)
+    eps = column_noise(seed, "diffrec-eps", step, batch, wide.item_lo, wide.item_hi).to(device)
     xt = diffusion.q_sample(x0, t, eps)
     x_in = _input(wide, xt, cfg)
     engine.train()
     if cfg.dropout > 0:
         keep = column_noise(seed, "diffrec-dropout", step, batch, wide.item_lo, wide.item_hi, "uniform") >= cfg.dropout
-        x_in = x_in * keep / (1.0 - cfg.dropout)
+        x_in = x_in * keep.to(device) / (1.0 - cfg.dropout)
     w_in, w_out, b_out = wide.block_rows()
     start = sum(sizes[:rank])
     own = slice(start, start + sizes[rank])
@@ -134,18 +138,18 @@ def score_queries(model: DiffRecDense, wide: WideLayers, cfg: DiffRecConfig, off
     rank = dist.get_rank() if dist.is_initialized() else 0
     ids, vals, sizes = wide.gather_users(offsets, items, user_values(offsets, cfg))
     w_in, w_out, b_out = (p.detach() for p in wide.block_rows())
-    x = wide.dense_block(ids, vals)
+    x = wide.dense_block(ids, vals).to(w_in.device)
     dtype = next(model.parameters()).dtype
     h = None
     for i in reversed(range(diffusion.steps)):
-        t = torch.full((x.shape[0],), i, dtype=torch.long)
+        t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
         pre = wide.first(_input(wide, x, cfg), w_in, sizes)
         h = model(pre.to(dtype), t[:sizes[rank]]).float()
         if i > 0:
             x0_hat = wide.last(h, w_out, b_out, sizes)
             x, _ = diffusion.gd.posterior(x0_hat, x, t)
     assert h is not None
-    return torch.cat([h, torch.ones(h.shape[0], 1)], dim=1)
+    return torch.cat([h, torch.ones(h.shape[0], 1, device=h.device)], dim=1)
 
 
 def _padded(offsets: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
@@ -191,7 +195,7 @@ def evaluate_split(model: DiffRecDense, wide: WideLayers, cfg: JobConfig, split:
     if popularity is None:
         block = wide.table.rows(lo, hi)[:, wide.layout.in_width:wide.layout.used]  # [W_out | b_out] rows (row 0: zeros)
     else:
-        block = popularity[lo:hi, None].double()
+        block = popularity[lo:hi, None].double().to(wide.table.dmp.device)
     acc = MultiMetricAccumulator(cfg.eval.ks, cfg.eval.ties)
     batches = list(reader)
     empty = {"train": (torch.zeros(1, dtype=torch.long), torch.zeros(0, dtype=torch.long))}
@@ -202,14 +206,15 @@ def evaluate_split(model: DiffRecDense, wide: WideLayers, cfg: JobConfig, split:
         if popularity is None:
             queries = score_queries(model, wide, dcfg, *train)
         else:
-            queries = torch.ones(train[0].numel() - 1, 1, dtype=torch.float64)
+            queries = torch.ones(train[0].numel() - 1, 1, dtype=torch.float64, device=block.device)
         if b is None:
             targets = torch.zeros(0, 1, dtype=torch.long)
             masked = torch.zeros(0, 1, dtype=torch.long)
         else:
             targets = _padded(*b[split])
             masked = _padded(*_concat_jagged(b["train"], *([b["valid"]] if split == "test" else [])))
-        acc.update(rank_target_sets(queries.to(block.dtype), targets, block, lo, wide.table.num_rows, masked,
+        acc.update(rank_target_sets(queries.to(block.dtype), targets.to(block.device), block, lo,
+                                    wide.table.num_rows, masked.to(block.device),
                                     ks=cfg.eval.ks, ties=cfg.eval.ties, item_chunk=cfg.eval.item_chunk))
     return acc.compute()
 
