@@ -269,7 +269,11 @@ def build_parts(cfg: JobConfig, num_items: int, device: torch.device) -> tuple[A
 
 def fit(cfg: JobConfig) -> dict[str, Any]:
     """Train and evaluate one DiffRec job; returns (every rank) what metrics.json holds.
-    No resumable checkpoints yet (``checkpoint.*`` is ignored): a DiffRec run on ML-1M takes
+
+    Runs whole epochs (``train.max_epochs``; with ``max_epochs = 0``, ``train.max_steps`` rounded
+    up to whole epochs) of whole global batches (each rank's last partial batch waits for a
+    later epoch's shuffle), validating every ``train.eval_every_epochs`` and at the end. No
+    resumable checkpoints yet (``checkpoint.*`` is ignored): a DiffRec run on ML-1M takes
     minutes; the selected state is kept in memory."""
     from tqdm import tqdm
 
