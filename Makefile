@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 export RECSYS_DIST_VENV := $(VENV)
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: install demo test test-fast clean help
+.PHONY: install demo test test-fast clean help image-cpu image-gpu k8s-configs
 
 help:
 	@echo "make demo   - install, then train DiffuRec + SASRec on ML-1M (2 CPU ranks) and print the table"
@@ -22,3 +22,14 @@ test: install
 
 clean:
 	rm -rf runs shards_out .pytest_cache
+
+# Container images of the k8s manifests (k8s/components/cpu, gpu): docker/*.Dockerfile.
+image-cpu:
+	docker build -f docker/cpu.Dockerfile -t recsys-dist:cpu .
+
+image-gpu:
+	docker build -f docker/gpu.Dockerfile -t recsys-dist:gpu .
+
+# The configs ConfigMap's copy of configs/ in k8s/common/configs/ (plain `kubectl apply -k`).
+k8s-configs:
+	python3 k8s/sync_configs.py
