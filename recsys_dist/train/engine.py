@@ -34,6 +34,10 @@ def deepspeed_config(cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
 
 def build_engine(model: nn.Module, cfg: TrainConfig, device: torch.device):
     """Wrap the dense model: returns a DeepSpeedEngine (data-parallel, ZeRO 1/2)."""
+    import os
+
+    # name the accelerator instead of letting DeepSpeed probe for one (and log that it fell back)
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
     import deepspeed  # heavy import, kept local
 
     model.to(device)
