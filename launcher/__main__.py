@@ -50,7 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--launcher", choices=["torchrun", "deepspeed", "local"], default="torchrun",
                    help="torchrun (default), the deepspeed launcher (--hostfile), or local "
                         "(one in-process rank, for debugging)")
-    p.add_argument("--hostfile", default=None, help="deepspeed launcher hostfile")
+    p.add_argument("--hostfile", default=None,
+                   help="deepspeed launcher: MPI-style hostfile ('host slots=N' per line; slots = ranks on that host)")
+    p.add_argument("--no-ssh", action="store_true",
+                   help="deepspeed launcher: start this node's ranks only (run the same command on every node "
+                        "with its --node-rank; needs --hostfile and --master-addr), instead of ssh/pdsh")
+    p.add_argument("--master-addr", default=None, help="deepspeed launcher: address of node 0")
+    p.add_argument("--master-port", type=int, default=None, help="deepspeed launcher: port on node 0 (default 29500)")
     p.set_defaults(func=commands.train)
 
     p = sub.add_parser("demo", help="the main job: DiffuRec vs SASRec on ML-1M, 2 CPU ranks",

@@ -8,8 +8,9 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
-from recsys_dist.config import REPO_ROOT, load_config, stored_config_as_now
+from recsys_dist.config import REPO_ROOT, ConfigError, load_config, stored_config_as_now
 
 METRIC_COLUMNS = ["HR@5", "HR@10", "HR@20", "HR@50", "NDCG@5", "NDCG@10", "NDCG@20", "NDCG@50"]
 
@@ -34,9 +35,22 @@ def torchrun_command(args, config: str | None, overrides: list[str]) -> list[str
     """The torchrun (or deepspeed launcher) command line that runs ``recsys_dist.train``."""
     worker = ["-m", "recsys_dist.train"] + (["--config", config] if config else []) + list(overrides)
     if args.launcher == "deepspeed":
-        cmd = [shutil.which("deepspeed") or "deepspeed", f"--num_gpus={args.nproc_per_node}"]
+        # the `deepspeed` console script is this module's main(); run it with this interpreter
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner"]
         if args.hostfile:
-            cmd += ["--hostfile", args.hostfile]
+            cmd += ["--hostfile", args.hostfile]  # ranks per node: the hostfile's slots
+        elif _has_cuda():
+            cmd += [f"--num_gpus={args.nproc_per_node}"]
+        else:  # DeepSpeed's CPU accelerator counts 1 device: name the ranks in a one-line hostfile,
+            # launched here without the ssh reachability check a hostfile otherwise triggers
+            cmd += ["--hostfile", _local_hostfile(args.nproc_per_node), "--no_ssh", "--node_rank=0",
+                    "--master_addr=127.0.0.1"]
+        if getattr(args, "no_ssh", False) and "--no_ssh" not in cmd:
+            cmd += ["--no_ssh", f"--node_rank={args.node_rank}"]
+        if getattr(args, "master_addr", None):
+            cmd += [f"--master_addr={args.master_addr}"]
+        if getattr(args, "master_port", None):
+            cmd += [f"--master_port={args.master_port}"]
         return cmd + ["--module", "recsys_dist.train"] + worker[2:]
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc_per_node}",
            f"--nnodes={args.nnodes}", f"--max-restarts={args.max_restarts}"]
@@ -49,9 +63,57 @@ def torchrun_command(args, config: str | None, overrides: list[str]) -> list[str
     return cmd + worker
 
 
+def _has_cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def _local_hostfile(slots: int) -> str:
+    """A hostfile ``localhost slots=N`` under runs/ (one node, N CPU ranks)."""
+    path = REPO_ROOT / "runs" / ".deepspeed" / f"hostfile-localhost-{slots}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"localhost slots={slots}\n")
+    return str(path)
+
+
+def check_deepspeed_args(args) -> None:
+    """One-line errors for deepspeed launcher options that cannot work (before launching)."""
+    if args.launcher != "deepspeed":
+        for flag, value in (("--hostfile", args.hostfile), ("--no-ssh", getattr(args, "no_ssh", False)),
+                            ("--master-addr", getattr(args, "master_addr", None))):
+            if value:
+                raise ConfigError(f"{flag} is an option of --launcher deepspeed (this run uses {args.launcher})")
+        return
+    if args.hostfile:
+        path = Path(args.hostfile)
+        if not path.is_file():
+            raise ConfigError(f"--hostfile {args.hostfile}: no such file")
+        hosts = []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            line = line.split("#", 1)[0].strip()
+            if not line:
+                continue
+            parts = line.split()
+            slots = [p for p in parts[1:] if p.startswith("slots=")]
+            if len(parts) != 2 or len(slots) != 1 or not slots[0][6:].isdigit() or int(slots[0][6:]) < 1:
+                raise ConfigError(f"--hostfile {args.hostfile} line {n}: expected 'HOST slots=N' (N >= 1), got {line!r}")
+            hosts.append(parts[0])
+        if not hosts:
+            raise ConfigError(f"--hostfile {args.hostfile}: no hosts")
+        if len(set(hosts)) != len(hosts):
+            raise ConfigError(f"--hostfile {args.hostfile}: a host is listed twice ({hosts})")
+    if getattr(args, "no_ssh", False):
+        if not args.hostfile or args.node_rank is None or not getattr(args, "master_addr", None):
+            raise ConfigError("--no-ssh needs --hostfile (every node's slots), --node-rank and --master-addr")
+        if not 0 <= args.node_rank < len(hosts):
+            raise ConfigError(f"--node-rank {args.node_rank} is not a node of --hostfile {args.hostfile} "
+                              f"({len(hosts)} hosts: 0..{len(hosts) - 1})")
+
+
 def train(args) -> int:
     """Launch one job and wait for it; the exit code is the job's."""
     load_config(args.config, args.overrides)  # fail fast on a bad config, before any launch
+    check_deepspeed_args(args)
     if args.launcher == "local":
         from recsys_dist.train.__main__ import main as worker_main
         return worker_main((["--config", args.config] if args.config else []) + list(args.overrides))

@@ -18,6 +18,8 @@ def main(argv: list[str] | None = None) -> int:
                                      description="Train + evaluate one job on this rank.")
     parser.add_argument("--config", help="YAML job config (configs/*.yaml)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.max_steps=100")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                        help=argparse.SUPPRESS)  # passed by the deepspeed launcher; LOCAL_RANK (env) is what is used
     args = parser.parse_args(argv)
     import faulthandler
     import signal
