@@ -1,8 +1,14 @@
-"""DiffRec on a 10M-item synthetic catalog, 2 ranks: does the sharded placement fit, and what
-does each rank hold?
+"""L-DiffRec (or DiffRec) on a 10M-item synthetic catalog, 2 ranks: does the sharded placement
+fit, and what does each rank hold?
 
-    PYTHONPATH=. python benchmarks/diffrec_10m.py                 # 10M items, 2 ranks (~5 min)
+    PYTHONPATH=. python benchmarks/diffrec_10m.py                       # L-DiffRec, 10M items, 2 ranks
+    PYTHONPATH=. python benchmarks/diffrec_10m.py --variant diffrec     # DiffRec
     PYTHONPATH=. python benchmarks/diffrec_10m.py --items 1000000 --steps 3   # smaller
+
+L-DiffRec (``configs/ml1m-diffrec_ldiffrec.yaml`` with ``diffrec.ae_dims=[width]``): the item
+table holds each item's cluster-encoder weights (2 x its cluster's latent share) and its decoder
+row (latent + bias); the diffusion runs on the latent. Items are clustered by k-means (2
+clusters, at most 20 Lloyd iterations here) on random 4-d item embeddings.
 
 A dense DiffRec at N = 10M needs its first and last layers as two 10M x h matrices (with
 h = 64: 5.1 GB of fp32 weights, plus Adam's 10.2 GB of moments, on every data-parallel rank).
@@ -17,7 +23,7 @@ steps (``train.max_steps``; 1 validation at the end) with 5 diffusion steps, val
 tests on every user (the reverse chain over all N columns, in batches of 8 users) and writes the
 job's metrics.json, whose ``peak_rss_gib_per_rank`` is each rank's peak resident memory
 (``getrusage``). Quality on random data is meaningless and not reported: this measures fit and
-memory. Writes ``benchmarks/out/diffrec_10m.md``.
+memory. Writes ``benchmarks/out/ldiffrec_10m.md`` (``diffrec_10m.md`` with ``--variant diffrec``).
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ def write_data(folder: Path, items: int, users: int, seed: int = 0) -> None:
         if split == "train":
             pairs.append([0, items - 1])  # the catalog spans all N items
         np.save(folder / f"{split}_list.npy", np.array(pairs, dtype=np.int64))
-    np.save(folder / "item_emb.npy", np.zeros((items, 1), dtype=np.float32))
+    np.save(folder / "item_emb.npy", rng.normal(size=(items, 4)).astype(np.float32))
 
 
 def main() -> None:
@@ -51,37 +57,43 @@ def main() -> None:
     p.add_argument("--items", type=int, default=10_000_000)
     p.add_argument("--users", type=int, default=32)
     p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--width", type=int, default=64, help="diffrec.dims=[width]: the N-wide layers are N x width")
+    p.add_argument("--width", type=int, default=64,
+                   help="DiffRec: diffrec.dims=[width]; L-DiffRec: diffrec.ae_dims=[width] (the latent) and dims=[width]")
+    p.add_argument("--variant", choices=["l-diffrec", "diffrec"], default="l-diffrec")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--work", default="/tmp/recsys-dist-diffrec-10m", help="data, shards and run folder")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "out"))
     args = p.parse_args()
     work = Path(args.work)
     data = work / f"data-{args.items}"
-    if not (data / "item_emb.npy").exists():
+    if not (data / "item_emb.npy").exists() or np.load(data / "item_emb.npy", mmap_mode="r").shape[1] != 4:
         write_data(data, args.items, args.users)
+    name = f"{args.variant}-{args.items}"
+    config = "configs/ml1m-diffrec_ldiffrec.yaml" if args.variant == "l-diffrec" else "configs/ml1m-diffrec_diffrec.yaml"
+    variant = ([f"diffrec.ae_dims=[{args.width}]", "diffrec.kmeans_max_iter=20"] if args.variant == "l-diffrec" else [])
     overrides = [f"data.data_dir={data}", f"data.shards_url={work}/shards-{args.items}", f"output_dir={work}/runs",
-                 f"name=diffrec-{args.items}", f"diffrec.dims=[{args.width}]", "diffrec.steps=5",
+                 f"name={name}", f"diffrec.dims=[{args.width}]", "diffrec.steps=5", *variant,
                  "sparse.sharding=row_wise", "sparse.optimizer=rowwise_adagrad", "sparse.lr=0.01",
                  "train.batch_size=4", "train.max_epochs=0", f"train.max_steps={args.steps}",
                  "eval.batch_size=8", "eval.ks=[10,20]", "train.log_every=1"]
     cmd = [sys.executable, "-m", "launcher", "train", "--nproc-per-node", str(args.nproc),
-           "--config", "configs/ml1m-diffrec_diffrec.yaml", *overrides]
+           "--config", config, *overrides]
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     print("+ " + " ".join(cmd), flush=True)
     t0 = time.perf_counter()
     code = subprocess.call(cmd, cwd=REPO, env=env)
     wall = time.perf_counter() - t0
-    metrics = work / "runs" / f"diffrec-{args.items}" / "metrics.json"
+    metrics = work / "runs" / name / "metrics.json"
     if code != 0 and not (metrics.exists() and metrics.stat().st_mtime > time.time() - wall):
         raise SystemExit(f"the run failed (exit {code})")
     m = json.loads(metrics.read_text())
     t = m["item_table"]
     table_gib = t["rows"] * t["dim"] * 4 / 2**30
-    lines = [f"DiffRec, {args.items:,} synthetic items, {args.nproc} ranks (row-wise sharded item table), "
-             f"dims [{args.width}], {args.users} users, {m['steps']} train steps + validation + test.", "",
+    what = (f"L-DiffRec, 2 clusters, latent {args.width}" if args.variant == "l-diffrec" else f"DiffRec, dims [{args.width}]")
+    lines = [f"{what}, {args.items:,} synthetic items, {args.nproc} ranks (row-wise sharded item table), "
+             f"{args.users} users, {m['steps']} train steps + validation + test.", "",
              "| | value |", "|---|---:|",
-             f"| item table rows x dim (W_in, W_out, b_out, pad) | {t['rows']:,} x {t['dim']} |",
+             f"| item table rows x dim (first layer, last layer, bias, pad) | {t['rows']:,} x {t['dim']} |",
              f"| item table fp32 weights, all ranks | {table_gib:.2f} GiB |",
              f"| rows per rank (rank 0) | {t['rows_per_rank']:,} |",
              *[f"| peak RSS, rank {r} | {v:.2f} GiB |" for r, v in enumerate(m["peak_rss_gib_per_rank"])],
@@ -89,14 +101,15 @@ def main() -> None:
              f"| test seconds ({m['test']['num_users']} users, 5 reverse steps) | {m['test']['seconds']:.1f} |",
              f"| whole command wall time | {wall:.0f} s |",
              *([f"| exit code (after metrics.json was written) | {code} |"] if code else []), "",
-             f"A dense replica of the two N-wide layers alone would be {2 * args.items * args.width * 4 / 2**30:.2f} GiB "
-             f"of fp32 weights per rank ({3 * 2 * args.items * args.width * 4 / 2**30:.2f} GiB with Adam's moments).",
-             "", f"Command: `PYTHONPATH=. python benchmarks/diffrec_10m.py --items {args.items} --users {args.users} "
-             f"--steps {args.steps} --width {args.width} --nproc {args.nproc}`"]
+             f"A dense replica of the two N-wide layers alone would be {table_gib:.2f} GiB of fp32 weights per rank "
+             f"({3 * table_gib:.2f} GiB with Adam's moments).",
+             "", f"Command: `PYTHONPATH=. python benchmarks/diffrec_10m.py --variant {args.variant} --items {args.items} "
+             f"--users {args.users} --steps {args.steps} --width {args.width} --nproc {args.nproc}`"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = "diffrec_10m.md" if args.items == 10_000_000 else f"diffrec_{args.items}.md"
-    (out / name).write_text("\n".join(lines) + "\n")
+    stem = args.variant.replace("-", "")
+    md = f"{stem}_10m.md" if args.items == 10_000_000 else f"{stem}_{args.items}.md"
+    (out / md).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

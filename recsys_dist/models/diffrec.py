@@ -550,6 +550,75 @@ class DiffRecDense(nn.Module):
         return self.core(pre_x, t)
 
 
+class LDiffRecDense(nn.Module):
+    """L-DiffRec / LT-DiffRec without its N-wide weights, for the sharded job: the cluster
+    encoders' biases and activation, the diffusion (and its sampler history) and the latent
+    denoiser. The official ML-1M recipe's VAE only: one encoder layer per cluster (n_c -> 2 lat_c,
+    activation after it) and the shared decoder Linear(latent, N), whose weights are item-table
+    rows (``recsys_dist/sparse/wide.py``). ``pre_enc`` (b, 2 * latent): the encoders' input
+    products without bias, cluster by cluster ``[mu_c | logvar_c]`` (2 lat_c each)."""
+
+    def __init__(self, cfg: DiffRecConfig, cluster_sizes: list[int]) -> None:
+        super().__init__()
+        if not cfg.latent:
+            raise ValueError("LDiffRecDense is for l-diffrec / lt-diffrec")
+        if len(cfg.ae_dims) != 1 or not cfg.ae_shared_decoder:
+            raise ValueError("the sharded L-DiffRec job has one encoder layer per cluster (diffrec.ae_dims of one "
+                             "width) and the shared decoder (diffrec.ae_shared_decoder: true), the official recipes")
+        self.cfg, self.cluster_sizes = cfg, list(cluster_sizes)
+        self.latent_dims = [w[-1] for w in cluster_widths(self.cluster_sizes, cfg.ae_dims)]
+        self.latent_size = sum(self.latent_dims)
+        self.n_items = sum(self.cluster_sizes)
+        self.enc_bias = nn.Parameter(torch.zeros(2 * self.latent_size))  # xavier init: zero biases
+        self.ae_act = ACTIVATIONS[cfg.ae_act]()
+        self.diffusion = DiffRecDiffusion(cfg)
+        self.denoiser = Denoiser(self.latent_size, cfg.dims, cfg.emb_size, cfg.norm, cfg.dropout, cfg.act,
+                                 bias_std=0.0)
+
+    #: learning rate of the VAE's dense parameters (the encoders' biases); the job sets it to the
+    #: item table's (sparse.lr), which trains the VAE's N-wide weights: the official lr1
+    vae_lr: float | None = None
+
+    def dense_param_groups(self, lr: float) -> list[dict]:
+        """Optimizer groups: the VAE's biases at ``vae_lr`` (default ``lr``), the denoiser and the
+        rest at ``lr`` (the official lr2), as L-DiffRec's two AdamW optimizers (main.py:149-171)."""
+        vae = [self.enc_bias]
+        rest = [p for n, p in self.named_parameters() if n != "enc_bias"]
+        return [{"params": vae, "lr": self.vae_lr if self.vae_lr is not None else lr}, {"params": rest, "lr": lr}]
+
+    def init_stds(self) -> tuple[list[float], float]:
+        """Xavier-normal stds of each cluster's encoder (fan n_c + 2 lat_c) and of the decoder."""
+        enc = [math.sqrt(2.0 / (n + 2 * w)) for n, w in zip(self.cluster_sizes, self.latent_dims)]
+        return enc, math.sqrt(2.0 / (self.latent_size + self.n_items))
+
+    def encode(self, pre_enc: torch.Tensor, z_eps: torch.Tensor | None, sample: bool):
+        """-> latent (b, L), KL (mean over the b users), as ``ClusterVAE.encode``."""
+        h = self.ae_act(pre_enc + self.enc_bias)
+        mus, logvars, start = [], [], 0
+        for w in self.latent_dims:
+            mus.append(h[:, start:start + w])
+            logvars.append(h[:, start + w:start + 2 * w])
+            start += 2 * w
+        mu, logvar = torch.cat(mus, dim=-1), torch.cat(logvars, dim=-1)
+        latent = mu + torch.exp(0.5 * logvar) * z_eps.to(mu) if sample else mu
+        kl = -0.5 * torch.mean(torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=1))
+        return latent, kl
+
+    def forward(self, pre_enc: torch.Tensor, t_u: torch.Tensor, eps: torch.Tensor, z_eps: torch.Tensor,
+                drop_mask: torch.Tensor | None = None) -> dict:
+        """One training forward of this rank's users: the diffusion terms on the latent (as
+        ``LDiffRec.loss_terms``) and the KL."""
+        latent, kl = self.encode(pre_enc, z_eps if self.cfg.reparam else None, self.training and self.cfg.reparam)
+        terms = self.diffusion.training_terms(lambda x, t: self.denoiser(x, t, drop_mask), latent, t_u, eps.to(latent))
+        return {**terms, "kl": kl}
+
+    @torch.no_grad()
+    def infer_latent(self, pre_enc: torch.Tensor) -> torch.Tensor:
+        """Encode without sampling (latent = mu) and run the reverse chain on the latent."""
+        latent, _ = self.encode(pre_enc, None, False)
+        return self.diffusion.reverse(self.denoiser, latent, {})
+
+
 def _eval_noise(cfg: DiffRecConfig, batch_size: int, width: int, generator: torch.Generator) -> dict:
     out = {}
     if cfg.sampling_steps > 0:
@@ -596,6 +665,21 @@ def _mlp(widths: list[int], act: str, last_act: bool) -> nn.Sequential:
     return nn.Sequential(*mods)
 
 
+def cluster_widths(sizes: list[int], ae_dims: tuple[int, ...]) -> list[list[int]]:
+    """Each cluster's share of every encoder width (Autoencoder.py:75-82): int(n_c / N * d_j),
+    at least 1, the last cluster takes the rest. ``sizes`` (C,) items per cluster."""
+    n, dims, c_num = sum(sizes), list(ae_dims), len(sizes)
+    lat: list[list[int]] = []
+    for c in range(c_num):
+        if c == c_num - 1:
+            lat.append([dims[j] - sum(lat[i][j] for i in range(c)) for j in range(len(dims))])
+        else:
+            lat.append([max(int(sizes[c] / n * dims[j]), 1) for j in range(len(dims))])
+    if any(w < 1 for ws in lat for w in ws):
+        raise ValueError(f"ae_dims {ae_dims} too narrow for {c_num} clusters: widths {lat}")
+    return lat
+
+
 class ClusterVAE(nn.Module):
     """L-DiffRec's grouped VAE (L-DiffRec/models/Autoencoder.py, module docstring).
 
@@ -617,15 +701,7 @@ class ClusterVAE(nn.Module):
         self.n_items, self.n_clusters, self.shared_decoder = n, c_num, shared_decoder
         for c, idx in enumerate(items):
             self.register_buffer(f"items_{c}", idx, persistent=False)
-        dims = list(ae_dims)
-        lat: list[list[int]] = []
-        for c in range(c_num):  # Autoencoder.py:75-82
-            if c == c_num - 1:
-                lat.append([dims[j] - sum(lat[i][j] for i in range(c)) for j in range(len(dims))])
-            else:
-                lat.append([max(int(items[c].numel() / n * dims[j]), 1) for j in range(len(dims))])
-        if any(w < 1 for ws in lat for w in ws):
-            raise ValueError(f"ae_dims {ae_dims} too narrow for {c_num} clusters: widths {lat}")
+        lat = cluster_widths([int(i.numel()) for i in items], ae_dims)
         self.latent_dims = lat
         self.latent_size = sum(ws[-1] for ws in lat)
         self.encoders = nn.ModuleList(
@@ -644,10 +720,15 @@ class ClusterVAE(nn.Module):
     def cluster_items(self) -> list[torch.Tensor]:
         return [getattr(self, f"items_{c}") for c in range(self.n_clusters)]
 
-    def encode(self, x: torch.Tensor, z_eps: torch.Tensor | None = None, sample: bool | None = None):
+    def encode(self, x: torch.Tensor, z_eps: torch.Tensor | None = None, sample: bool | None = None,
+               drop_mask: torch.Tensor | None = None):
         """Autoencoder.py:127-170. ``sample`` (default: ``self.training``): latent = mu +
-        exp(logvar / 2) z_eps, else mu."""
-        x = self.drop(x)
+        exp(logvar / 2) z_eps, else mu. ``drop_mask`` (B, N) 0/1: the input dropout's keep mask,
+        given explicitly (the sharded job's streams), else ``nn.Dropout``."""
+        if drop_mask is not None and self.training and self.drop.p > 0:
+            x = x * drop_mask.to(x.dtype) / (1.0 - self.drop.p)
+        else:
+            x = self.drop(x)
         mus, logvars = [], []
         for c, (idx, enc) in enumerate(zip(self.cluster_items, self.encoders)):
             h = enc(x[:, idx])
@@ -678,6 +759,24 @@ class ClusterVAE(nn.Module):
 def multinomial_loss(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """-mean_b sum_i x_i log softmax(logits)_i (MultVAE; Autoencoder.py:189-190)."""
     return -torch.mean(torch.sum(F.log_softmax(logits, dim=1) * x, dim=-1))
+
+
+def lamda_at(c: DiffRecConfig, epoch: int) -> float:
+    """L-DiffRec's weight of the diffusion loss after ``epoch`` epochs (main.py:275-299)."""
+    if c.anneal_steps > 0:
+        return max((1.0 - epoch / c.anneal_steps) * c.lamda, c.anneal_cap)
+    return max(c.lamda, c.anneal_cap)
+
+
+def kl_weight_at(c: DiffRecConfig, step: int) -> float:
+    """The KL weight after ``step`` batches (main.py:280-283)."""
+    return min(c.vae_anneal_cap, 1.0 * step / c.vae_anneal_steps) if c.vae_anneal_steps > 0 else c.vae_anneal_cap
+
+
+def combine_ldiffrec_loss(c: DiffRecConfig, elbo: torch.Tensor, vae_loss: torch.Tensor, epoch: int) -> torch.Tensor:
+    """lamda_e elbo + vae_loss with reweighting, else elbo + lamda_e vae_loss (main.py:284-290)."""
+    lamda = lamda_at(c, epoch)
+    return lamda * elbo + vae_loss if c.reweight else elbo + lamda * vae_loss
 
 
 class LDiffRec(nn.Module):
@@ -720,24 +819,24 @@ class LDiffRec(nn.Module):
         return _eval_noise(self.cfg, batch_size, self.latent_size, generator)
 
     def lamda_at(self, epoch: int) -> float:
-        c = self.cfg
-        if c.anneal_steps > 0:
-            return max((1.0 - epoch / c.anneal_steps) * c.lamda, c.anneal_cap)
-        return max(c.lamda, c.anneal_cap)
+        return lamda_at(self.cfg, epoch)
 
     def kl_weight_at(self, step: int) -> float:
-        c = self.cfg
-        return min(c.vae_anneal_cap, 1.0 * step / c.vae_anneal_steps) if c.vae_anneal_steps > 0 else c.vae_anneal_cap
+        return kl_weight_at(self.cfg, step)
 
     def loss_terms(self, x0: torch.Tensor, noise: dict[str, torch.Tensor], epoch: int = 0, step: int = 0) -> dict:
+        """``noise``: ``t_u``, ``eps``, ``z_eps``, and optionally the keep masks ``x_drop_mask``
+        (B, N) of the VAE's input dropout and ``drop_mask`` (B, latent) of the denoiser's."""
         x_drop, latent, _, _, kl = self.vae.encode(x0, noise["z_eps"] if self.cfg.reparam else None,
-                                                   sample=self.training and self.cfg.reparam)
-        terms = self.diffusion.training_terms(self.denoiser, latent, noise["t_u"], noise["eps"].to(latent))
+                                                   sample=self.training and self.cfg.reparam,
+                                                   drop_mask=noise.get("x_drop_mask"))
+        mask = noise.get("drop_mask")
+        terms = self.diffusion.training_terms(lambda x, t: self.denoiser(x, t, mask), latent, noise["t_u"],
+                                              noise["eps"].to(latent))
         elbo = terms["loss"].mean()
         recon = self.vae.decode(terms["pred_x0"])
-        lamda = self.lamda_at(epoch)
         vae_loss = multinomial_loss(recon, x_drop) + self.kl_weight_at(step) * kl
-        loss = lamda * elbo + vae_loss if self.cfg.reweight else elbo + lamda * vae_loss
+        loss = combine_ldiffrec_loss(self.cfg, elbo, vae_loss, epoch)
         return {**terms, "elbo": elbo, "vae_loss": vae_loss, "kl": kl, "total": loss}
 
     def loss(self, x0: torch.Tensor, noise: dict[str, torch.Tensor], epoch: int = 0, step: int = 0,
@@ -801,6 +900,6 @@ def infer_scores(model: nn.Module, x: torch.Tensor, generator: torch.Generator |
     return torch.cat(out)
 
 
-__all__ = ["DiffRecConfig", "DiffRec", "DiffRecDense", "DenoiserCore", "LDiffRec", "ClusterVAE", "Denoiser", "DiffRecDiffusion", "build_diffrec",
+__all__ = ["DiffRecConfig", "DiffRec", "DiffRecDense", "DenoiserCore", "LDiffRec", "LDiffRecDense", "cluster_widths", "ClusterVAE", "Denoiser", "DiffRecDiffusion", "build_diffrec",
            "kmeans", "temporal_weights", "interaction_matrix", "multinomial_loss", "make_optimizer", "train_step",
            "infer_scores", "VARIANTS"]

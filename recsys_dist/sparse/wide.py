@@ -187,8 +187,12 @@ class WideLayers:
     # ---- the layers --------------------------------------------------------------------
     def first(self, x_block: torch.Tensor, w_in: torch.Tensor, sizes: list[int]) -> torch.Tensor:
         """(B, block) x -> (b_own, h_in) pre-activations of this rank's users (no bias)."""
+        return self.reduce_own(x_block.to(w_in.dtype) @ w_in, sizes)
+
+    def reduce_own(self, partial: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        """(B, h) per-rank partial products of every rank's users -> their sum over ranks, this
+        rank's users' rows (differentiable)."""
         rank, world = _group_world(self.group)
-        partial = x_block.to(w_in.dtype) @ w_in
         total = sum_over_ranks(partial, self.group) if world > 1 else partial
         start = sum(sizes[:rank])
         return total[start:start + sizes[rank]]

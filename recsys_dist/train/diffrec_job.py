@@ -31,12 +31,14 @@ import torch.distributed as dist
 
 from recsys_dist.config import JobConfig, REPO_ROOT, default_data_dir, stream_seed
 from recsys_dist.eval import MultiMetricAccumulator, collective_device, rank_target_sets
-from recsys_dist.models.diffrec import DiffRecConfig, DiffRecDense
+from recsys_dist.models.diffrec import (DiffRecConfig, DiffRecDense, LDiffRecDense, combine_ldiffrec_loss, kl_weight_at,
+                                        kmeans)
 from recsys_dist.sparse import ShardedItemTable, check_sparse_config
 from recsys_dist.sparse.wide import WideLayers, WideLayout, column_noise
 from recsys_dist.train.distributed import barrier, init_distributed, pick_device, seed_everything
 from recsys_dist.train.engine import build_engine
 from recsys_dist.train.report import RunReport, setup_logging
+from recsys_dist.train.losses import sharded_logsumexp
 from recsys_dist.train.step import NonFiniteLossError
 
 log = logging.getLogger("recsys_dist.train")
@@ -47,9 +49,9 @@ SETS_DATASETS = ("ml-1m_clean", "ml-1m_noisy")
 def check_diffrec_config(cfg: DiffRecConfig) -> DiffRecConfig:
     """The validated config (``__post_init__``) and the subset the sharded job runs."""
     cfg = replace(cfg)
-    if cfg.latent:
-        raise ValueError(f"diffrec.variant={cfg.variant}: the sharded job runs diffrec and t-diffrec; "
-                         "L-DiffRec is the dense reference only (recsys_dist.models.diffrec.LDiffRec)")
+    if cfg.latent and (len(cfg.ae_dims) != 1 or not cfg.ae_shared_decoder):
+        raise ValueError("diffrec.variant=l-diffrec in the sharded job: one encoder layer per cluster "
+                         "(diffrec.ae_dims of one width) and the shared decoder, as the official recipes")
     if cfg.mean_type != "x0":
         raise ValueError("diffrec.mean_type=eps is not in the sharded job yet (its final scores are not a dot "
                          "product with the item rows); the official ML-1M recipes predict x0")
@@ -126,9 +128,81 @@ def train_step(engine, wide: WideLayers, cfg: DiffRecConfig, offsets: torch.Tens
     return reduced
 
 
+def _gather_equal(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's (b, ...) rows, rank order (equal b; no gradient)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def encoder_inputs(model: LDiffRecDense, wide: WideLayers, x_block: torch.Tensor, w_in: torch.Tensor,
+                   cluster_block: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """(b_own, 2 L) the cluster encoders' products without bias: for cluster c,
+    x[:, items of c] @ W_enc_c, summed over the ranks' column blocks (each row of the table holds
+    its cluster's encoder weights in its first 2 lat_c columns)."""
+    parts = []
+    for c, w in enumerate(model.latent_dims):
+        cols = cluster_block == c
+        parts.append(x_block[:, cols].to(w_in.dtype) @ w_in[cols, :2 * w])
+    return wide.reduce_own(torch.cat(parts, dim=1), sizes)
+
+
+def ldiffrec_train_step(engine, wide: WideLayers, cfg: DiffRecConfig, cluster_block: torch.Tensor,
+                        offsets: torch.Tensor, items: torch.Tensor, step: int, seed: int, epoch: int) -> torch.Tensor:
+    """L-DiffRec's step (``LDiffRec.loss_terms`` on the column blocks): the VAE's input dropout
+    per column from the column streams, the latent noise of the global batch from a (seed, step)
+    stream; the multinomial reconstruction -sum_j x_j log softmax_j = -sum_j x_j logit_j +
+    (sum_j x_j) LSE_j with the log-sum-exp over every rank's columns. Returns the global mean loss."""
+    model: LDiffRecDense = engine.module
+    device = wide.table.dmp.device
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    ids, vals, sizes = wide.gather_users(offsets, items, user_values(offsets, cfg))
+    if len(set(sizes)) > 1:
+        raise ValueError(f"L-DiffRec train step {step}: ranks have different batch sizes {sizes}")
+    batch, width = sum(sizes), model.latent_size
+    own = slice(sum(sizes[:rank]), sum(sizes[:rank + 1]))
+    gen = torch.Generator().manual_seed(stream_seed(seed, "diffrec-t", step))
+    t_u = torch.rand(batch, generator=gen, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(stream_seed(seed, "ldiffrec-latent", step))
+    eps, z_eps = torch.randn(batch, width, generator=gen), torch.randn(batch, width, generator=gen)
+    keep = torch.rand(batch, width, generator=gen) >= cfg.dropout
+    x = wide.dense_block(ids, vals).to(device)
+    if cfg.ae_dropout > 0:
+        x_keep = column_noise(seed, "ldiffrec-xdrop", step, batch, wide.item_lo, wide.item_hi, "uniform") >= cfg.ae_dropout
+        x = x * x_keep.to(device) / (1.0 - cfg.ae_dropout)
+    engine.train()
+    w_in, w_out, b_out = wide.block_rows()
+    pre = encoder_inputs(model, wide, x, w_in, cluster_block, sizes)
+    dtype = next(model.parameters()).dtype
+    out = engine(pre.to(dtype), t_u[own].to(device), eps[own].to(device), z_eps[own].to(device),
+                 keep[own].to(device) if cfg.dropout > 0 else None)
+    logits = wide.last(out["pred_x0"].float(), w_out, b_out, sizes)  # (B, block): decoder over this rank's items
+    hits = wide.sum_columns((x * logits).sum(dim=1))
+    mass = x.sum(dim=1)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(mass)
+    recon = (mass * sharded_logsumexp(logits) - hits)[own].mean()
+    vae_loss = recon + kl_weight_at(cfg, step) * out["kl"].float()
+    loss = combine_ldiffrec_loss(cfg, out["loss"].float().mean(), vae_loss, epoch)
+    reduced = loss.detach().clone()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(reduced)
+        reduced /= dist.get_world_size()
+    if not torch.isfinite(reduced):
+        raise NonFiniteLossError(f"non-finite loss {reduced.item()} at step {step} (rank {rank}); "
+                                 "stopped before this step's update")
+    model.diffusion.update_history(_gather_equal(out["t"].cpu()), _gather_equal(out["history"].cpu()))
+    engine.backward(loss)
+    engine.step()
+    wide.table.step_optimizer()
+    return reduced
+
+
 @torch.no_grad()
-def score_queries(model: DiffRecDense, wide: WideLayers, cfg: DiffRecConfig, offsets: torch.Tensor,
-                  items: torch.Tensor) -> torch.Tensor:
+def score_queries(model: DiffRecDense | LDiffRecDense, wide: WideLayers, cfg: DiffRecConfig, offsets: torch.Tensor,
+                  items: torch.Tensor, cluster_block: torch.Tensor | None = None) -> torch.Tensor:
     """(b, h_out + 1) queries [h, 1] of this rank's users (collective): the reverse chain run on
     the column blocks from x = the train vector; the scores of the last step, x0_hat = h W_out^T
     + b_out, are queries . [W_out | b_out] rows (the official chain returns the posterior mean at
@@ -140,6 +214,10 @@ def score_queries(model: DiffRecDense, wide: WideLayers, cfg: DiffRecConfig, off
     w_in, w_out, b_out = (p.detach() for p in wide.block_rows())
     x = wide.dense_block(ids, vals).to(w_in.device)
     dtype = next(model.parameters()).dtype
+    if isinstance(model, LDiffRecDense):  # encode (mu), the reverse chain on the latent, decode = [z, 1] . rows
+        assert cluster_block is not None
+        z = model.infer_latent(encoder_inputs(model, wide, x, w_in, cluster_block, sizes).to(dtype)).float()
+        return torch.cat([z, torch.ones(z.shape[0], 1, device=z.device)], dim=1)
     h = None
     for i in reversed(range(diffusion.steps)):
         t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
@@ -182,8 +260,9 @@ def _max_over_ranks(n: int) -> int:
     return int(t.item())
 
 
-def evaluate_split(model: DiffRecDense, wide: WideLayers, cfg: JobConfig, split: str, url: str,
-                   popularity: torch.Tensor | None = None) -> dict[str, float]:
+def evaluate_split(model: DiffRecDense | LDiffRecDense, wide: WideLayers, cfg: JobConfig, split: str, url: str,
+                   popularity: torch.Tensor | None = None, cluster_block: torch.Tensor | None = None
+                   ) -> dict[str, float]:
     """Exact multi-target metrics of ``split`` ("valid" | "test") over every user (collective).
     ``popularity`` (num_rows,) train counts: rank by them instead (the popularity baseline)."""
     from shards.sets import SetReader
@@ -204,7 +283,7 @@ def evaluate_split(model: DiffRecDense, wide: WideLayers, cfg: JobConfig, split:
         train = b["train"] if b is not None else empty["train"]
         train = (train[0], train[1] - 1)  # table ids -> 0-based item indices
         if popularity is None:
-            queries = score_queries(model, wide, dcfg, *train)
+            queries = score_queries(model, wide, dcfg, *train, cluster_block=cluster_block)
         else:
             queries = torch.ones(train[0].numel() - 1, 1, dtype=torch.float64, device=block.device)
         if b is None:
@@ -255,16 +334,51 @@ def ensure_sets_shards(cfg: JobConfig, rank: int) -> tuple[str, dict]:
     return url, load_sets_manifest(url)
 
 
-def build_parts(cfg: JobConfig, num_items: int, device: torch.device) -> tuple[Any, WideLayers]:
-    """The dense core under DeepSpeed and the N-wide layers in the item table."""
+def item_clusters(cfg: DiffRecConfig, num_items: int, item_emb=None, seed: int = 0) -> torch.Tensor:
+    """(N,) L-DiffRec's cluster of every item: k-means of the item embeddings (one seeded
+    stream: the same on every rank), or one cluster."""
+    if cfg.n_cate == 1:
+        return torch.zeros(num_items, dtype=torch.long)
+    if item_emb is None:
+        raise ValueError("L-DiffRec with diffrec.n_cate > 1 needs the item embeddings (item_emb.npy)")
+    gen = torch.Generator().manual_seed(stream_seed(seed, "kmeans"))
+    labels, _ = kmeans(torch.as_tensor(item_emb), cfg.n_cate, gen, cfg.kmeans_tol, cfg.kmeans_max_iter)
+    return labels
+
+
+def build_parts(cfg: JobConfig, num_items: int, device: torch.device,
+                clusters: torch.Tensor | None = None) -> tuple[Any, WideLayers, torch.Tensor | None]:
+    """The dense part under DeepSpeed and the N-wide layers in the item table; L-DiffRec also
+    returns the cluster of each of this rank's items (its column block)."""
     dcfg = check_diffrec_config(cfg.diffrec)
     check_sparse_config(cfg.sparse)
-    model = DiffRecDense(dcfg, num_items)
-    layout = WideLayout(model.core.in_width, model.core.out_width)
+    if not dcfg.latent:
+        model = DiffRecDense(dcfg, num_items)
+        layout = WideLayout(model.core.in_width, model.core.out_width)
+        table = ShardedItemTable.create(num_items + 1, layout.dim, cfg.sparse, device, cfg.train.batch_size,
+                                        cfg.train.seed, column_std=layout.column_std(*model.wide_init_stds()))
+        return build_engine(model, cfg.train, device), WideLayers(table, layout), None
+    assert clusters is not None and clusters.numel() == num_items
+    sizes = torch.bincount(clusters, minlength=dcfg.n_cate).tolist()
+    if min(sizes) == 0:
+        raise ValueError(f"L-DiffRec: an empty item cluster (sizes {sizes})")
+    model = LDiffRecDense(dcfg, sizes)
+    model.vae_lr = cfg.sparse.lr  # the VAE's lr (official lr1) for its biases, as for its table rows
+    layout = WideLayout(2 * max(model.latent_dims), model.latent_size)  # [encoder of its cluster | decoder | b]
+    enc_stds, dec_std = model.init_stds()
     table = ShardedItemTable.create(num_items + 1, layout.dim, cfg.sparse, device, cfg.train.batch_size,
-                                    cfg.train.seed, column_std=layout.column_std(*model.wide_init_stds()))
-    engine = build_engine(model, cfg.train, device)
-    return engine, WideLayers(table, layout)
+                                    cfg.train.seed, column_std=layout.column_std(1.0, dec_std, 0.0))
+    with torch.no_grad():  # each row's encoder part: its cluster's xavier std, zero past 2 lat_c
+        for row_off, _, shard in table.local_shards():
+            rows = torch.arange(row_off, row_off + shard.shape[0])
+            cid = clusters[(rows - 1).clamp(min=0)]
+            scale = torch.zeros(shard.shape[0], layout.in_width)
+            for c, (std, w) in enumerate(zip(enc_stds, model.latent_dims)):
+                scale[cid == c, :2 * w] = std
+            scale[rows == 0] = 0.0
+            shard[:, :layout.in_width].mul_(scale.to(shard.device, shard.dtype))
+    wide = WideLayers(table, layout)
+    return build_engine(model, cfg.train, device), wide, clusters[wide.item_lo:wide.item_hi]
 
 
 def fit(cfg: JobConfig) -> dict[str, Any]:
@@ -289,7 +403,14 @@ def fit(cfg: JobConfig) -> dict[str, Any]:
     log.info("job %s: %s on %s, %d rank(s), device %s", cfg.name, dcfg.variant, cfg.data.dataset, world, device)
     url, manifest = ensure_sets_shards(cfg, rank)
     num_items = int(manifest["num_items"])
-    engine, wide = build_parts(cfg, num_items, device)
+    clusters = None
+    if dcfg.latent:
+        from shards.sets import load_sets_item_emb
+        emb = load_sets_item_emb(url)[1:] if dcfg.n_cate > 1 else None  # row 0 is the padding id's
+        clusters = item_clusters(dcfg, num_items, emb, cfg.train.seed)
+        log.info("L-DiffRec: %d item clusters of sizes %s", dcfg.n_cate,
+                 torch.bincount(clusters, minlength=dcfg.n_cate).tolist())
+    engine, wide, cluster_block = build_parts(cfg, num_items, device, clusters)
     report = RunReport(run_dir, rank)
     reader = SetReader(url, rank, world, batch_users=cfg.train.batch_size, shuffle=True, seed=cfg.train.seed,
                        drop_last=True, even_batches="drop")
@@ -309,7 +430,11 @@ def fit(cfg: JobConfig) -> dict[str, Any]:
         for batch in reader:
             offsets, items = batch["train"]
             t_step = time.perf_counter()
-            loss = train_step(engine, wide, dcfg, offsets, items - 1, step, cfg.train.seed)
+            if dcfg.latent:
+                loss = ldiffrec_train_step(engine, wide, dcfg, cluster_block, offsets, items - 1, step,
+                                           cfg.train.seed, epoch)
+            else:
+                loss = train_step(engine, wide, dcfg, offsets, items - 1, step, cfg.train.seed)
             step += 1
             if step > 2:  # the first steps pay for lazy initialisation
                 timed_steps, t_timed = timed_steps + 1, t_timed + time.perf_counter() - t_step
@@ -320,7 +445,7 @@ def fit(cfg: JobConfig) -> dict[str, Any]:
         t_train += time.perf_counter() - t0
         if (epoch + 1) % every == 0 or epoch + 1 == epochs:
             t0 = time.perf_counter()
-            metrics = evaluate_split(engine.module, wide, cfg, "valid", url)
+            metrics = evaluate_split(engine.module, wide, cfg, "valid", url, cluster_block=cluster_block)
             metrics.update(seconds=time.perf_counter() - t0, epoch=epoch + 1, train_seconds=t_train)
             report.validation(step, metrics)
             value = metrics[cfg.eval.select_metric]
@@ -340,7 +465,7 @@ def fit(cfg: JobConfig) -> dict[str, Any]:
         raise RuntimeError("no validation result to select a state from")
     best.restore(engine, wide.table)
     t0 = time.perf_counter()
-    test = evaluate_split(engine.module, wide, cfg, "test", url)
+    test = evaluate_split(engine.module, wide, cfg, "test", url, cluster_block=cluster_block)
     test["seconds"] = time.perf_counter() - t0
     counts = train_item_counts(url, wide.table.num_rows, rank, world)
     popularity = evaluate_split(engine.module, wide, cfg, "test", url, popularity=counts)

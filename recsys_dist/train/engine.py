@@ -41,11 +41,13 @@ def build_engine(model: nn.Module, cfg: TrainConfig, device: torch.device):
     import deepspeed  # heavy import, kept local
 
     model.to(device)
+    # a model may split its parameters into groups with their own learning rates (L-DiffRec: the
+    # VAE's and the denoiser's, as its two official optimizers); default: one group at train.lr
+    params = model.dense_param_groups(cfg.lr) if hasattr(model, "dense_param_groups") else model.parameters()
     if cfg.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
-                                      weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     elif cfg.optimizer == "sgd":
-        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     else:
         raise ValueError(f"unknown dense optimizer '{cfg.optimizer}' (adamw | sgd)")
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,

@@ -108,17 +108,25 @@ def sharded_softmax_ce(queries: torch.Tensor, target_logits: torch.Tensor, item_
     else:
         q_all = queries
     logits = q_all @ item_block.t()  # (W*b, n_r)
+    lse = sharded_logsumexp(logits, group)[rank * b:(rank + 1) * b]
+    return _reduce(lse - target_logits, weights)
+
+
+def sharded_logsumexp(logits: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """(R, n_r) logits of this rank's columns (n_r may be 0) -> (R,) log-sum-exp over every
+    rank's columns, exact and differentiable (max by all-reduce MAX, the sum of exponentials by
+    a differentiable all-reduce SUM). Every rank passes the same R rows."""
+    _, world = _world(group)
     if logits.shape[1]:
         m = logits.detach().max(dim=1).values
     else:
-        m = torch.full((q_all.shape[0],), float("-inf"), dtype=q_all.dtype, device=q_all.device)
+        m = torch.full((logits.shape[0],), float("-inf"), dtype=logits.dtype, device=logits.device)
     if world > 1:
         dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
     s = torch.exp(logits - m[:, None]).sum(dim=1)
     if world > 1:
         s = _AllReduceSum.apply(s, group)
-    lse = (m + torch.log(s))[rank * b:(rank + 1) * b]
-    return _reduce(lse - target_logits, weights)
+    return m + torch.log(s)
 
 
 def sampled_softmax_ce(queries: torch.Tensor, target_logits: torch.Tensor, target_ids: torch.Tensor,
