@@ -378,7 +378,7 @@ def build_parts(cfg: JobConfig, num_items: int, device: torch.device,
             scale[rows == 0] = 0.0
             shard[:, :layout.in_width].mul_(scale.to(shard.device, shard.dtype))
     wide = WideLayers(table, layout)
-    return build_engine(model, cfg.train, device), wide, clusters[wide.item_lo:wide.item_hi]
+    return build_engine(model, cfg.train, device), wide, clusters[wide.item_lo:wide.item_hi].to(table.dmp.device)
 
 
 def fit(cfg: JobConfig) -> dict[str, Any]:
