@@ -56,3 +56,33 @@ def s3_server():
             else:
                 os.environ[k] = v
         server.stop()
+
+
+# --------------------------------------------------------------------------- launch tests' job
+
+#: the small SASRec job the launch tests run (torchrun multi-node, the deepspeed launcher)
+LAUNCH_JOB = ["--config", "configs/models/sasrec.yaml", "data.dataset=synthetic", "data.build_if_missing=false",
+              "data.max_len=10", "model.dim=16", "model.num_blocks=1", "train.batch_size=16", "train.max_steps=24",
+              "train.log_every=6", "eval.batch_size=64", "checkpoint.enabled=false", "name=job"]
+
+
+@pytest.fixture(scope="session")
+def launch_shards(tmp_path_factory):
+    """Synthetic shards of the launch tests (300 items, 200 users)."""
+    from distributed_harness import synth_shards
+    return synth_shards(tmp_path_factory.mktemp("launch") / "shards", 300, 200, 300, 15)
+
+
+@pytest.fixture(scope="session")
+def torchrun_reference(launch_shards, tmp_path_factory):
+    """metrics.json of LAUNCH_JOB on one node x 2 torchrun ranks: what every launch must match."""
+    import json
+    import subprocess
+
+    out = tmp_path_factory.mktemp("torchrun-reference")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-m", "launcher", "train", "--nproc-per-node", "2", *LAUNCH_JOB,
+                        f"data.shards_url={launch_shards}", f"output_dir={out}"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads((out / "job" / "metrics.json").read_text())

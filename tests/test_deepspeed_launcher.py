@@ -15,17 +15,8 @@ from argparse import Namespace
 
 import pytest
 
-from distributed_harness import synth_shards
+from conftest import LAUNCH_JOB as JOB
 from recsys_dist.config import REPO_ROOT, ConfigError
-
-JOB = ["--config", "configs/models/sasrec.yaml", "data.dataset=synthetic", "data.build_if_missing=false",
-       "data.max_len=10", "model.dim=16", "model.num_blocks=1", "train.batch_size=16", "train.max_steps=24",
-       "train.log_every=6", "eval.batch_size=64", "checkpoint.enabled=false", "name=job"]
-
-
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    return synth_shards(tmp_path_factory.mktemp("synth") / "shards", 300, 200, 300, 15)
 
 
 def _env():
@@ -52,16 +43,13 @@ def _same(a, b):
 
 
 @pytest.mark.slow
-def test_deepspeed_one_node_and_two_nodes_without_ssh_match_torchrun(synth, tmp_path):
-    ref = _launch(["--nproc-per-node", "2"], tmp_path / "torchrun", synth)
-    out = ref.communicate(timeout=600)[0]
-    assert ref.returncode == 0, out[-3000:]
-
+def test_deepspeed_one_node_and_two_nodes_without_ssh_match_torchrun(launch_shards, torchrun_reference, tmp_path):
+    synth = launch_shards
     one = _launch(["--launcher", "deepspeed", "--nproc-per-node", "2"], tmp_path / "ds1", synth)
     out = one.communicate(timeout=600)[0]
     assert one.returncode == 0, out[-3000:]
     assert "deepspeed.launcher.runner" in out
-    _same(_metrics(tmp_path / "torchrun"), _metrics(tmp_path / "ds1"))
+    _same(torchrun_reference, _metrics(tmp_path / "ds1"))
 
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
@@ -76,7 +64,7 @@ def test_deepspeed_one_node_and_two_nodes_without_ssh_match_torchrun(synth, tmp_
         assert p.returncode == 0, o[-3000:]
     assert (tmp_path / "node0" / "job" / "metrics.json").exists()
     assert not (tmp_path / "node1" / "job" / "metrics.json").exists()  # only global rank 0 reports
-    _same(_metrics(tmp_path / "torchrun"), _metrics(tmp_path / "node0"))
+    _same(torchrun_reference, _metrics(tmp_path / "node0"))
 
 
 def _args(**kw):

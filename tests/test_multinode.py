@@ -15,12 +15,8 @@ import sys
 
 import pytest
 
-from distributed_harness import synth_shards
+from conftest import LAUNCH_JOB as JOB
 from recsys_dist.config import REPO_ROOT
-
-JOB = ["--config", "configs/models/sasrec.yaml", "data.dataset=synthetic", "data.build_if_missing=false",
-       "data.max_len=10", "model.dim=16", "model.num_blocks=1", "train.batch_size=16", "train.max_steps=24",
-       "train.log_every=6", "eval.batch_size=64", "checkpoint.enabled=false", "name=job"]
 
 
 def _port() -> int:
@@ -29,22 +25,13 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    return synth_shards(tmp_path_factory.mktemp("synth") / "shards", 300, 200, 300, 15)
-
-
 def _env():
     return dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
 
 
 @pytest.mark.slow
-def test_two_nodes_c10d_match_single_node(synth, tmp_path):
-    single = subprocess.run([sys.executable, "-m", "launcher", "train", "--nproc-per-node", "2", *JOB,
-                             f"data.shards_url={synth}", f"output_dir={tmp_path / 'single'}"],
-                            cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=600)
-    assert single.returncode == 0, single.stderr[-3000:]
-
+def test_two_nodes_c10d_match_single_node(launch_shards, torchrun_reference, tmp_path):
+    synth = launch_shards
     endpoint = f"127.0.0.1:{_port()}"
     nodes = []
     for node in range(2):
@@ -62,7 +49,7 @@ def test_two_nodes_c10d_match_single_node(synth, tmp_path):
     written = [d for d in ("node0", "node1") if (tmp_path / d / "job" / "metrics.json").exists()]
     assert len(written) == 1, written  # only global rank 0 writes the report
     two = json.loads((tmp_path / written[0] / "job" / "metrics.json").read_text())
-    one = json.loads((tmp_path / "single" / "job" / "metrics.json").read_text())
+    one = torchrun_reference
     assert two["world_size"] == one["world_size"] == 2
     for key in ("test", "popularity_test"):
         for metric, value in one[key].items():
