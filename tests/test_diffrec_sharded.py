@@ -137,7 +137,7 @@ def _reference(initial, optimizer: str, variant: str = "diffrec", norm: bool = F
         loss = model.loss(x0, noise)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     d = model.denoiser
     rows = torch.cat([d.in_proj.weight.t(), d.out_proj.weight, d.out_proj.bias[:, None]], dim=1)
     rows = torch.cat([rows, torch.zeros(N_ITEMS, table.shape[1] - rows.shape[1])], dim=1)  # the zero pad columns
@@ -292,7 +292,7 @@ def _reference_latent(run, optimizer: str):
         loss = model.loss(_x0(users, cfg), noise, epoch=0, step=step)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return {"losses": torch.tensor(losses), "history": model.diffusion.Lt_history.clone(), "model": model}
 
 
