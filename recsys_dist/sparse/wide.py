@@ -154,18 +154,9 @@ class WideLayers:
             heads = [header]
         sizes = [int(h[0]) for h in heads]
         width = max(int(h[1]) for h in heads)
-        ids = torch.full((b, width), -1, dtype=torch.long)
-        vals = torch.zeros(b, width)
-        if items.numel():
-            row = torch.repeat_interleave(torch.arange(b), lens)
-            col = torch.arange(items.numel()) - torch.repeat_interleave(offsets[:-1], lens)
-            ids[row, col] = items.long()
-            vals[row, col] = values.float()
-        if world == 1:
-            return ids, vals, sizes
-        ids_all = _gather_plain(ids, sizes, self.group)
-        vals_all = _gather_plain(vals, sizes, self.group)
-        return ids_all, vals_all, sizes
+        ids = jagged_to_padded(offsets, items.long(), width, fill=-1)
+        vals = jagged_to_padded(offsets, values.float(), width, fill=0.0)
+        return gather_plain(ids, sizes, self.group), gather_plain(vals, sizes, self.group), sizes
 
     def dense_block(self, ids: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """(B, block_width) x_0 columns of this rank's block from padded ids / values; a
@@ -209,9 +200,27 @@ class WideLayers:
         return sum_over_ranks(per_user_block_sum, self.group) if world > 1 else per_user_block_sum
 
 
-def _gather_plain(x: torch.Tensor, sizes: list[int], group) -> torch.Tensor:
-    """Concatenate every rank's (b_r, ...) rows (no gradient), rank order; b_r may differ."""
+def jagged_to_padded(offsets: torch.Tensor, values: torch.Tensor, width: int | None = None,
+                     fill: float | int = 0) -> torch.Tensor:
+    """Jagged rows (``offsets`` (b + 1,), ``values`` (n,)) -> (b, width) right-padded with ``fill``
+    (``width`` default: the longest row)."""
+    b = offsets.numel() - 1
+    lens = offsets[1:] - offsets[:-1]
+    width = (int(lens.max()) if b else 0) if width is None else width
+    out = torch.full((b, width), fill, dtype=values.dtype)
+    if values.numel():
+        row = torch.repeat_interleave(torch.arange(b), lens)
+        col = torch.arange(values.numel()) - torch.repeat_interleave(offsets[:-1], lens)
+        out[row, col] = values
+    return out
+
+
+def gather_plain(x: torch.Tensor, sizes: list[int], group=None) -> torch.Tensor:
+    """Concatenate every rank's (b_r, ...) rows (no gradient), rank order; b_r may differ
+    (``sizes``: every rank's b_r). One rank: ``x`` itself."""
     world = len(sizes)
+    if world == 1:
+        return x
     most = max(sizes)
     pad = torch.zeros((most - x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype)
     parts = [torch.empty((most,) + tuple(x.shape[1:]), dtype=x.dtype) for _ in range(world)]

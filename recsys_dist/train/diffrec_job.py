@@ -30,11 +30,11 @@ import torch
 import torch.distributed as dist
 
 from recsys_dist.config import JobConfig, REPO_ROOT, default_data_dir, stream_seed
-from recsys_dist.eval import MultiMetricAccumulator, collective_device, rank_target_sets
+from recsys_dist.eval import MultiMetricAccumulator, collective_device, max_over_ranks, rank_target_sets
 from recsys_dist.models.diffrec import (DiffRecConfig, DiffRecDense, LDiffRecDense, combine_ldiffrec_loss, kl_weight_at,
-                                        kmeans)
+                                        kmeans, temporal_weights)
 from recsys_dist.sparse import ShardedItemTable, check_sparse_config
-from recsys_dist.sparse.wide import WideLayers, WideLayout, column_noise
+from recsys_dist.sparse.wide import WideLayers, WideLayout, column_noise, gather_plain, jagged_to_padded
 from recsys_dist.train.distributed import barrier, init_distributed, pick_device, seed_everything
 from recsys_dist.train.engine import build_engine
 from recsys_dist.train.report import RunReport, setup_logging
@@ -62,15 +62,12 @@ def check_diffrec_config(cfg: DiffRecConfig) -> DiffRecConfig:
 
 
 def user_values(offsets: torch.Tensor, cfg: DiffRecConfig) -> torch.Tensor | None:
-    """x_0 values of each user's train items (in file order): T-DiffRec's linspace(w_min, w_max,
-    M_u) per user (T-DiffRec/data_utils.py:36-47), None (all 1) for DiffRec."""
+    """x_0 values of each user's train items (in file order): T-DiffRec's weights
+    (``temporal_weights``), None (all 1) for DiffRec."""
     if not cfg.temporal:
         return None
-    lens = offsets[1:] - offsets[:-1]
-    m = torch.arange(int(offsets[-1])) - torch.repeat_interleave(offsets[:-1], lens)
-    big = torch.repeat_interleave(lens, lens).to(torch.float64)
-    frac = torch.where(big > 1, m.to(torch.float64) / (big - 1).clamp(min=1), torch.zeros_like(big))
-    return (cfg.w_min + frac * (cfg.w_max - cfg.w_min)).float()
+    users = torch.repeat_interleave(torch.arange(offsets.numel() - 1), offsets[1:] - offsets[:-1])
+    return temporal_weights(users, cfg.w_min, cfg.w_max).float()
 
 
 def _input(wide: WideLayers, x_block: torch.Tensor, cfg: DiffRecConfig) -> torch.Tensor:
@@ -126,15 +123,6 @@ def train_step(engine, wide: WideLayers, cfg: DiffRecConfig, offsets: torch.Tens
     engine.step()
     wide.table.step_optimizer()
     return reduced
-
-
-def _gather_equal(x: torch.Tensor) -> torch.Tensor:
-    """Every rank's (b, ...) rows, rank order (equal b; no gradient)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
 
 
 def encoder_inputs(model: LDiffRecDense, wide: WideLayers, x_block: torch.Tensor, w_in: torch.Tensor,
@@ -193,7 +181,7 @@ def ldiffrec_train_step(engine, wide: WideLayers, cfg: DiffRecConfig, cluster_bl
     if not torch.isfinite(reduced):
         raise NonFiniteLossError(f"non-finite loss {reduced.item()} at step {step} (rank {rank}); "
                                  "stopped before this step's update")
-    model.diffusion.update_history(_gather_equal(out["t"].cpu()), _gather_equal(out["history"].cpu()))
+    model.diffusion.update_history(gather_plain(out["t"].cpu(), sizes), gather_plain(out["history"].cpu(), sizes))
     engine.backward(loss)
     engine.step()
     wide.table.step_optimizer()
@@ -230,34 +218,13 @@ def score_queries(model: DiffRecDense | LDiffRecDense, wide: WideLayers, cfg: Di
     return torch.cat([h, torch.ones(h.shape[0], 1, device=h.device)], dim=1)
 
 
-def _padded(offsets: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-    """Jagged table ids -> (b, L) right-padded with 0 (the padding id)."""
-    b = offsets.numel() - 1
-    lens = offsets[1:] - offsets[:-1]
-    out = torch.zeros(b, int(lens.max()) if b else 0, dtype=torch.long)
-    if items.numel():
-        row = torch.repeat_interleave(torch.arange(b), lens)
-        col = torch.arange(items.numel()) - torch.repeat_interleave(offsets[:-1], lens)
-        out[row, col] = items.long()
-    return out
-
-
-def _concat_jagged(*parts: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-user union (concatenation) of several jagged lists of the same users."""
-    lens = sum(p[0][1:] - p[0][:-1] for p in parts)
-    pieces = []
-    for u in range(lens.numel()):
-        for off, it in parts:
-            pieces.append(it[off[u]:off[u + 1]])
-    items = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
-    return torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(lens, 0)]), items
-
-
-def _max_over_ranks(n: int) -> int:
-    t = torch.tensor([n], device=collective_device())
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
+def _union(*parts: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-user concatenation of several jagged lists (offsets, items) of the same users."""
+    users = torch.cat([torch.repeat_interleave(torch.arange(off.numel() - 1), off[1:] - off[:-1]) for off, _ in parts])
+    items = torch.cat([it for _, it in parts])
+    order = torch.argsort(users, stable=True)
+    lens = torch.bincount(users, minlength=parts[0][0].numel() - 1)
+    return torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(lens, 0)]), items[order]
 
 
 def evaluate_split(model: DiffRecDense | LDiffRecDense, wide: WideLayers, cfg: JobConfig, split: str, url: str,
@@ -278,7 +245,7 @@ def evaluate_split(model: DiffRecDense | LDiffRecDense, wide: WideLayers, cfg: J
     acc = MultiMetricAccumulator(cfg.eval.ks, cfg.eval.ties)
     batches = list(reader)
     empty = {"train": (torch.zeros(1, dtype=torch.long), torch.zeros(0, dtype=torch.long))}
-    for i in range(_max_over_ranks(len(batches))):
+    for i in range(max_over_ranks(len(batches))):
         b = batches[i] if i < len(batches) else None
         train = b["train"] if b is not None else empty["train"]
         train = (train[0], train[1] - 1)  # table ids -> 0-based item indices
@@ -290,8 +257,8 @@ def evaluate_split(model: DiffRecDense | LDiffRecDense, wide: WideLayers, cfg: J
             targets = torch.zeros(0, 1, dtype=torch.long)
             masked = torch.zeros(0, 1, dtype=torch.long)
         else:
-            targets = _padded(*b[split])
-            masked = _padded(*_concat_jagged(b["train"], *([b["valid"]] if split == "test" else [])))
+            targets = jagged_to_padded(*b[split])  # table ids, 0 = padding
+            masked = jagged_to_padded(*_union(b["train"], *([b["valid"]] if split == "test" else [])))
         acc.update(rank_target_sets(queries.to(block.dtype), targets.to(block.device), block, lo,
                                     wide.table.num_rows, masked.to(block.device),
                                     ks=cfg.eval.ks, ties=cfg.eval.ties, item_chunk=cfg.eval.item_chunk))
