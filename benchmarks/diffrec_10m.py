@@ -71,7 +71,8 @@ def main() -> None:
     name = f"{args.variant}-{args.items}"
     config = "configs/ml1m-diffrec_ldiffrec.yaml" if args.variant == "l-diffrec" else "configs/ml1m-diffrec_diffrec.yaml"
     variant = ([f"diffrec.ae_dims=[{args.width}]", "diffrec.kmeans_max_iter=20"] if args.variant == "l-diffrec" else [])
-    overrides = [f"data.data_dir={data}", f"data.shards_url={work}/shards-{args.items}", f"output_dir={work}/runs",
+    overrides = [f"data.data_dir={data}", f"data.shards_url={work}/shards-v2-{args.items}", f"output_dir={work}/runs",
+                 "data.source={files: {train: train_list.npy, valid: valid_list.npy, test: test_list.npy}, format: pairs_npy, protocol: given}", "diffrec.item_emb=item_emb.npy",
                  f"name={name}", f"diffrec.dims=[{args.width}]", "diffrec.steps=5", *variant,
                  "sparse.sharding=row_wise", "sparse.optimizer=rowwise_adagrad", "sparse.lr=0.01",
                  "train.batch_size=4", "train.max_epochs=0", f"train.max_steps={args.steps}",

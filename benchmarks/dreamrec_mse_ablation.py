@@ -36,16 +36,21 @@ import torch
 from torch import nn
 
 VARIANTS = ("shipped", "adam", "adam5e-3", "official-arch")
+SEQ_SIZE = 10  # DreamRec's history length
 
 
-def padded(split, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded histories (rows, max_len) long (0 = pad) and targets (rows,) of a SessionSplit."""
-    hist = torch.zeros(split.num_rows, max_len, dtype=torch.long)
-    for r in range(split.num_rows):
-        h = split.history(r)[-max_len:]
-        if len(h):
-            hist[r, max_len - len(h):] = torch.from_numpy(h.astype("int64"))
-    return hist, torch.from_numpy(split.targets.astype("int64"))
+def padded(records, split: str, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded histories (rows, max_len) long (0 = pad) and targets (rows,) of one split,
+    made by the shard reader's own sample rule (shards.samples) from the session records."""
+    import numpy as np
+
+    from shards.format import Block
+    from shards.samples import block_samples, collate
+
+    blk = Block("all", np.arange(records.num_records), records.offsets, records.items, records.bounds)
+    rec, j = block_samples(blk, split, 0, None)
+    b = collate([(blk, rec, j)], max_len, False)
+    return b["history"], b["target"]
 
 
 def build(variant: str, num_items: int, max_len: int, dim: int):
@@ -98,9 +103,9 @@ def evaluate(model, table: nn.Embedding, hist: torch.Tensor, target: torch.Tenso
 
 def run(variant: str, data, epochs: int, eval_every: int, seed: int, batch: int) -> list[dict]:
     torch.manual_seed(seed)
-    htr, ttr = padded(data.splits["train"], data.seq_size)
-    hva, tva = padded(data.splits["val"], data.seq_size)
-    model, table, opts = build(variant, data.num_items, data.seq_size, 64)
+    htr, ttr = padded(data, "train", SEQ_SIZE)
+    hva, tva = padded(data, "valid", SEQ_SIZE)
+    model, table, opts = build(variant, data.num_items, SEQ_SIZE, 64)
     gen = torch.Generator().manual_seed(seed)
     rows, t0 = [], time.time()
     for epoch in range(1, epochs + 1):
@@ -140,10 +145,12 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "out"))
     args = parser.parse_args()
 
-    from shards.sources import load_session_splits
+    from recsys_dist.config import load_config
+    from shards.source import load_records
     from _common import machine_info  # benchmarks/_common.py (the script's folder is on sys.path)
 
-    data = load_session_splits("zhihu", args.data_dir)
+    data = load_records(load_config(str(Path(__file__).parent.parent / "configs/datasets/zhihu.yaml")).data.source,
+                        args.data_dir)
     rows = [r for v in args.variants for r in run(v, data, args.epochs, args.eval_every, args.seed, args.batch_size)]
     epochs = sorted({r["epoch"] for r in rows})
     info = machine_info()

@@ -1,8 +1,8 @@
 """Data-loader throughput (local files and S3) against the rate the trainer consumes samples.
 
-What and how: samples/s that ``shards.ShardReader`` delivers through a ``DataLoader``
+What and how: samples/s that ``shards.dataset.SequenceDataset`` delivers through a ``DataLoader``
 (``batch_size=None``, batch 256, shuffle on as in training, ``num_workers`` 0, 1, 2) on the
-train split of a synthetic shard set (1M items, 50k users, max_len 20, gzip; generated with
+train split of a synthetic ``seq-v2`` shard set (1M items, 50k users, read with max_len 20; generated with
 ``shards.synthetic.synth_shards`` unless ``--shards`` names an existing one), read from local
 files and from a real S3-protocol server: moto's ``ThreadedMotoServer`` on 127.0.0.1, started
 by this script in a child process (``--s3-server thread`` keeps it in this process), the shards
@@ -129,10 +129,13 @@ def upload(local_dir: str, bucket: str, prefix: str) -> tuple[str, float, int]:
 # --------------------------------------------------------------------------- measurements
 
 
+MAX_LEN = 20  # set from --max-len in main()
+
+
 def loader(url: str, workers: int, shuffle_seed: int = 0):
     from torch.utils.data import DataLoader
-    from shards.reader import ShardReader
-    rd = ShardReader(url, "train", BATCH, shuffle=True, seed=shuffle_seed, drop_last=True)
+    from shards.dataset import SequenceDataset
+    rd = SequenceDataset(url, "train", BATCH, max_len=MAX_LEN, shuffle=True, seed=shuffle_seed, drop_last=True)
     return DataLoader(rd, batch_size=None, num_workers=workers, persistent_workers=False)
 
 
@@ -154,7 +157,7 @@ def make_trainer(name: str, manifest: dict, device):
     from recsys_dist.train.distributed import seed_everything
     from recsys_dist.train.engine import build_engine
     cfg = load_config(f"configs/models/{name}.yaml", [f"train.batch_size={BATCH}",
-                                                      f"data.max_len={manifest['max_len']}"])
+                                                      f"data.max_len={MAX_LEN}"])
     seed_everything(0)
     return cfg, build_engine(build_model(cfg.model, cfg.data.max_len), cfg.train, device)
 
@@ -195,7 +198,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shards", default=None,
                    help="existing shard directory to read (default: generate one into --workdir)")
-    p.add_argument("--workdir", default="/tmp/recsys-dist-bench/synth-1M-u50k-L20",
+    p.add_argument("--workdir", default="/tmp/recsys-dist-bench/synth-1M-u50k-v2",
                    help="where the synthetic shards are generated (reused when identical; default: %(default)s)")
     p.add_argument("--num-items", type=int, default=1_000_000)
     p.add_argument("--num-users", type=int, default=50_000)
@@ -231,21 +234,23 @@ def main() -> None:
           flush=True)
 
     # ---- shards ------------------------------------------------------------------------
-    from shards.reader import load_manifest
+    from shards.format import load_manifest
+    global MAX_LEN
+    MAX_LEN = args.max_len
     local = args.shards
     if local is None:
         from shards.synthetic import synth_shards
         t0 = time.perf_counter()
-        synth_shards(args.workdir, num_items=args.num_items, num_users=args.num_users, max_len=args.max_len,
-                     compress=True, progress=False)
+        synth_shards(args.workdir, num_items=args.num_items, num_users=args.num_users, progress=False)
         local = args.workdir
         print(f"shards: {local} ({time.perf_counter() - t0:.1f} s, reused when already built)", flush=True)
     local = str(Path(local).resolve())
     manifest = load_manifest(local)
-    train = manifest["splits"]["train"]
-    data_desc = (f"{manifest['dataset']}: {manifest['num_items']:,} items, {manifest['num_users']:,} users, "
-                 f"max_len {manifest['max_len']}, train {train['num_samples']:,} samples in "
-                 f"{len(train['shards'])} shards ({sum(s['bytes'] for s in train['shards']) / 2**20:.1f} MiB"
+    nblocks = sum(len(s["blocks"]) for s in manifest["shards"])
+    data_desc = (f"{manifest['dataset']} (seq-v2): {manifest['num_items']:,} items, {manifest['num_users']:,} users, "
+                 f"read with max_len {MAX_LEN}, train {manifest['num_samples']['train']:,} samples from "
+                 f"{nblocks} blocks in {len(manifest['shards'])} shards "
+                 f"({sum(s['bytes'] for s in manifest['shards']) / 2**20:.1f} MiB"
                  f"{', gzip' if manifest['build'].get('compress') else ''})")
     print(data_desc, flush=True)
 

@@ -31,8 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="config overrides, e.g. train.max_steps=100 model.dim=128")
 
     p = sub.add_parser("prepare", help="build shards for the job's dataset",
-                       description="Convert the raw dataset into WebDataset shards + manifest.json "
-                                   "at data.shards_url (default shards_out/<dataset>-L<max_len>[-p<prefixes>][-u<users>]).")
+                       description="Read the job's data.source and write seq-v2 WebDataset shards + manifest.json "
+                                   "at data.shards_url (default shards_out/<dataset>-v2[-p<prefixes>][-u<users>]); "
+                                   "idempotent. Any dataset is a source YAML: docs/data.md.")
     job_args(p)
     p.set_defaults(func=commands.prepare)
 

@@ -21,12 +21,6 @@ def prepare(args) -> int:
     from shards import summarize
 
     cfg = load_config(args.config, args.overrides)
-    if cfg.model.name == "diffrec":  # per-user interaction sets (shards/sets.py)
-        from recsys_dist.train.diffrec_job import ensure_sets_shards
-        url, manifest = ensure_sets_shards(cfg, rank=0)
-        print(f"{url}: {manifest['format']}, {manifest['num_users']:,} users, {manifest['num_items']:,} items, "
-              f"{len(manifest['shards'])} shard(s), interactions {manifest['num_interactions']}")
-        return 0
     print(summarize(build_job_shards(cfg)))
     return 0
 

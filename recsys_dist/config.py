@@ -3,7 +3,7 @@
 A job config names one dataset x model. Every field has a default, a YAML file under
 ``configs/`` overrides some, and ``key.sub=value`` pairs on the command line override the
 rest (``train.max_steps=100 model.dim=128``). Values from the command line are parsed as
-YAML scalars, so ``eval.mask_history=true`` and ``data.max_users=null`` do what they say.
+YAML scalars, so ``eval.mask_history=true`` and ``data.source.max_users=null`` do what they say.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import yaml
 
 from recsys_dist.models.diffrec import DiffRecConfig
+from shards.source import SourceConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,20 +41,28 @@ def default_data_dir() -> str:
     return os.environ.get("RECSYS_DATA_DIR", str(REPO_ROOT.parent / "shared" / "datasets"))
 
 
+ML1M_SOURCE: dict[str, Any] = dict(path="ml-1m/raw/diffurec/interactions.tsv.gz", user="raw_user_id",
+                                   item="raw_item_id", time="pos", time_is_position=True,
+                                   protocol="leave_one_out", min_user_count=5, min_item_count=5)
+
+
 @dataclass
 class DataConfig:
-    """Which dataset, where its shards live and how batches are read."""
+    """Which dataset, where its raw data and shards live and how batches are read."""
 
-    dataset: str = "ml-1m"
-    data_dir: str | None = None  # raw data; None -> default_data_dir()
-    shards_url: str | None = None  # fsspec URL of the shard folder; None -> shards_out/<dataset>
-    build_if_missing: bool = True  # build shards from raw data when the manifest is absent
-    max_len: int = 50  # history length fed to the encoders (most recent items)
-    train_prefixes_per_user: int | None = None  # None: every prefix is a training sample
-    max_users: int | None = None  # keep the first N users (small slices for tests)
-    samples_per_shard: int = 20000
-    compress: bool = True  # gzip shards (.tar.gz): ~20x smaller, streamed through fsspec
-    assignment: str = "balanced"  # train shards -> readers: balanced | round_robin (see shards/reader.py)
+    dataset: str = "ml-1m"  # a name (shard folder, logs); "synthetic" = the generator (synth_* below)
+    # how to read the raw data (shards/source.py); the default is the embedded default dataset's
+    # (ML-1M, as configs/datasets/ml1m.yaml); every other dataset is a YAML file
+    source: SourceConfig = field(default_factory=lambda: SourceConfig(**ML1M_SOURCE))
+    data_dir: str | None = None  # where relative source paths resolve; None -> default_data_dir()
+    shards_url: str | None = None  # fsspec URL of the shard folder; None -> shards_out/<dataset>...
+    build_if_missing: bool = True  # build shards from the source when the manifest is absent
+    max_len: int = 50  # history length fed to the encoders (most recent items); read time, not in the shards
+    train_prefixes_per_user: int | None = None  # None: every prefix is a training sample; K: the last K
+    records_per_block: int = 1000  # users (sessions) per checksummed block of the shards
+    blocks_per_shard: int = 4
+    compress: bool = False  # gzip shards (.tar.gz)
+    window_blocks: int = 8  # training shuffle: blocks whose samples are permuted together
     num_workers: int = 0  # DataLoader workers per rank
     # dataset "synthetic": the generator's catalog and users (python -m shards synth; defaults there)
     synth_items: int = 10_000_000
@@ -63,8 +72,8 @@ class DataConfig:
         if self.shards_url:
             return self.shards_url
         suffix = "" if self.train_prefixes_per_user is None else f"-p{self.train_prefixes_per_user}"
-        suffix += "" if self.max_users is None else f"-u{self.max_users}"
-        return str(REPO_ROOT / "shards_out" / f"{self.dataset}-L{self.max_len}{suffix}")
+        suffix += "" if self.source.max_users is None else f"-u{self.source.max_users}"
+        return str(REPO_ROOT / "shards_out" / f"{self.dataset}-v2{suffix}")
 
 
 @dataclass
@@ -326,6 +335,9 @@ def _apply(obj: Any, updates: Any, where: str) -> None:
             if not isinstance(value, dict):
                 raise ConfigError(f"config field '{where}{key}' is a section (set its fields, e.g. "
                                   f"{where}{key}.<field>=...); got {_short_repr(value)}")
+            if isinstance(current, SourceConfig) and {"path", "files"} & set(value):
+                current = type(current)()  # a source that names its files is a new source, not a patch
+                setattr(obj, key, current)
             _apply(current, value, f"{where}{key}.")
         else:
             hint, label = types_[key]

@@ -1,9 +1,8 @@
-"""Synthetic ``recsys-dist/seq-v1`` datasets: Zipf popularity, interest clusters, drifting users.
+"""Synthetic ``recsys-dist/seq-v2`` datasets: Zipf popularity, interest clusters, drifting users.
 
-``python -m shards synth`` / :func:`synth_shards` writes train/val/test shards,
-``item_counts.npy`` and ``manifest.json`` in exactly the layout of a
-leave-one-out build (:mod:`shards.build`), so training, evaluation and the
-popularity baseline read them unchanged. It needs no raw data, so it scales the
+``python -m shards synth`` / :func:`synth_shards` writes leave-one-out records through the
+same writer as every dataset (:func:`shards.build.write_shards`), so training, evaluation
+and the popularity baseline read them unchanged. It needs no raw data, so it scales the
 catalog (default 10M items) and the user count freely.
 
 Generative process (all randomness from ``numpy.random.default_rng`` seeded
@@ -39,92 +38,41 @@ about ``1 - drift``: "the most popular items of the last item's cluster" beats
 global popularity by a wide margin (``tests/test_synthetic.py`` checks it), and
 a sequential model has to learn item clusters from co-occurrence to do so.
 
-Splits are leave-one-out exactly as :func:`shards.build.split_samples`
-(test = last item, val = second-to-last, train = prefixes ``j = 2..n-2``, or the
-last ``train_prefixes_per_user`` of them; histories keep their last ``max_len``
-items; ``min_seq_len >= 3`` so every user has a val and a test sample).
-``item_counts.npy`` holds the exact occurrences of each item in ``s_1..s_{n-2}``
-of every user (same definition as :func:`shards.build.train_item_counts`; row
-0 = 0), for popularity-aware (logQ-corrected) negative sampling.
+Splits are leave-one-out (test = last item, valid = second-to-last, train = the rest;
+``min_seq_len >= 3`` so every user has a valid and a test item); the samples are made at
+read time (:mod:`shards.samples`), so ``max_len`` is not a build parameter.
 
-Streaming and memory. Users are generated in chunks of ``chunk_users``
-(default 10,000); each chunk's samples go straight into the open shard writers
-(one per split, a shard is closed and renamed into place every
-``samples_per_shard`` samples), so memory does not grow with the number of users
-or samples. It does grow with the catalog (O(num_items), not constant): 20
-bytes per item stay resident (item ids grouped by cluster, int32; their
-cumulative weights, float64; ``item_counts``, int64: 200 MB at 10M items), ~26
-bytes per item at the peak while the catalog is built. Measured at 10M items
-(20k users, max_len 20): peak RSS 540 MB, of which ~230 MB is the interpreter
-with torch imported by the ``shards`` package.
-
-Deviation from :mod:`shards.build`: train samples cannot be shuffled globally
-while streaming; they are shuffled within each chunk (a permutation of the
-chunk's train samples, RNG seeded by ``(seed, chunk index)``) and the chunks are
-written in order. Users are i.i.d. across chunks, so the chunk order carries no
-signal; the reader's per-epoch shard shuffle and shuffle buffer mix further.
-val/test samples are written in user order, as in a build.
-
-``id_map.json`` is a tiny ``{"identity": true, ...}`` object instead of a raw-id
-list (ids are their own raw ids; nothing in the trainer reads the id map).
+Streaming and memory. Users are generated in chunks of ``chunk_users`` (default 10,000)
+that go straight into the block writer, so memory does not grow with the number of users.
+It does grow with the catalog (O(num_items)): 20 bytes per item stay resident (item ids
+grouped by cluster, int32; their cumulative weights, float64; the two count arrays of the
+manifest, int64 each: ~360 MB at 10M items).
 
 "Byte-identical" holds for the same arguments, numpy version and CPU family:
 numpy's SIMD ``power`` / ``log`` / ``exp`` may differ in the last ulp across
 platforms, which can move a rare draw across a boundary.
 
-Shard bytes are produced by a fast tar writer (templated headers, ~15x faster
-than :class:`webdataset.TarWriter` with :mod:`tarfile`) that emits *exactly*
-the bytes TarWriter emits in :mod:`shards.build`; this is checked at run time on
-a probe sample (falling back to TarWriter on any mismatch) and in the tests.
 """
 
 from __future__ import annotations
 
-import gzip
-import io
 import json
 import logging
-import posixpath
-import struct
-import tarfile
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, Optional
 
-import fsspec
 import numpy as np
-from tqdm.auto import tqdm
-from webdataset import TarWriter
 
-from .build import _HashingWriter, _replace, _up_to_date, _write_bytes_atomic, remove_stale_shards, split_samples
-from .schema import (
-    FORMAT,
-    HISTORY,
-    ID_MAP_NAME,
-    ITEM_COUNTS_NAME,
-    LEAVE_ONE_OUT,
-    MANIFEST_NAME,
-    PAD_ID,
-    SPLITS,
-    TARGET,
-    USER,
-    encode_sample,
-    make_key,
-    shard_name,
-)
+from .build import DEFAULT_BLOCKS_PER_SHARD, DEFAULT_RECORDS_PER_BLOCK, up_to_date, write_shards
+from .format import FORMAT
+from .records import Records
 
 log = logging.getLogger(__name__)
 
-SYNTH_VERSION = 1
+SYNTH_VERSION = 2
 DATASET_NAME = "synthetic"
 DEFAULT_CHUNK_USERS = 10_000
-# gzip level of --compress: 6 is ~4x faster than the GzipFile default 9 used by shards.build on these
-# padding-heavy tars, for ~7% larger files
-DEFAULT_COMPRESS_LEVEL = 6
-
-_TAR_USER = "recsys"  # same tar header fields as shards.build._write_split
-_BLOCK = tarfile.BLOCKSIZE
-_RECORD = tarfile.RECORDSIZE
 
 
 # --------------------------------------------------------------------------- config
@@ -167,14 +115,12 @@ class SynthConfig:
             raise ValueError(f"num_items must be >= 1, got {self.num_items}")
         if self.num_items > np.iinfo(np.int32).max:
             raise ValueError(f"num_items must fit int32, got {self.num_items}")
-        if not 1 <= self.num_users <= 99_999_999:
-            raise ValueError(f"num_users must be in 1..99999999, got {self.num_users}")
+        if self.num_users < 1:
+            raise ValueError(f"num_users must be >= 1, got {self.num_users}")
         if self.min_seq_len < 3:
             raise ValueError(f"min_seq_len must be >= 3 (every user needs a val and a test item), got {self.min_seq_len}")
         if self.max_seq_len < self.min_seq_len:
             raise ValueError(f"max_seq_len ({self.max_seq_len}) must be >= min_seq_len ({self.min_seq_len})")
-        if self.max_seq_len > 99_999:
-            raise ValueError(f"max_seq_len must be <= 99999 (5-digit key position), got {self.max_seq_len}")
         if not self.zipf_alpha > 0:
             raise ValueError(f"zipf_alpha must be > 0, got {self.zipf_alpha}")
         if not self.zipf_offset >= 0:
@@ -323,193 +269,21 @@ def iter_chunks(cfg: SynthConfig, catalog: Catalog, chunk_users: int = DEFAULT_C
         yield generate_chunk(cfg, catalog, index, lo, min(chunk_users, cfg.num_users - lo))
 
 
-def chunk_train_counts(chunk: UserChunk, counts: np.ndarray) -> None:
-    """Add the occurrences of each item in ``s_1..s_{n-2}`` of the chunk's users to ``counts`` (in place)."""
-    pos = np.arange(chunk.items.size, dtype=np.int64) - np.repeat(chunk.offsets[:-1], chunk.lengths)
-    keep = pos < np.repeat(chunk.lengths - 2, chunk.lengths)
-    ids, cnt = np.unique(chunk.items[keep], return_counts=True)
-    counts[ids] += cnt
+def chunk_records(chunk: UserChunk, num_items: int) -> Records:
+    """The chunk's users as leave-one-out records (bounds ``(n - 2, n - 1)``)."""
+    n = chunk.lengths
+    return Records(chunk.offsets, chunk.items.astype(np.int32), np.stack([n - 2, n - 1], axis=1),
+                   num_items, "leave_one_out")
 
 
-# --------------------------------------------------------------------------- tar writing
-
-
-def _tar_template() -> bytes:
-    """The header ``shards.build`` (TarWriter -> tarfile) writes for a member, with an empty name and size 0."""
-    ti = tarfile.TarInfo("")
-    ti.size, ti.mtime, ti.mode, ti.uname, ti.gname = 0, 0, 0o444, _TAR_USER, _TAR_USER
-    return ti.tobuf(tarfile.DEFAULT_FORMAT, tarfile.ENCODING, "surrogateescape")
-
-
-class _FastTar:
-    """Minimal tar stream writer for seq-v1 samples, byte-identical to TarWriter's output.
-
-    Headers are a template with only name, size and checksum patched; members in
-    the order TarWriter writes them (sorted: history, target, user).
-    """
-
-    _T = _tar_template()
-    _HEAD, _MID, _TAIL = _T[100:124], _T[136:148], _T[156:]
-    _BASE_SUM = sum(_T[:148]) + sum(_T[156:]) + 8 * 32 - sum(_T[:100]) - sum(_T[124:136])
-
-    def __init__(self, sink: Any) -> None:
-        self.sink = sink
-        self.offset = 0
-        self._size_fields: Dict[int, Tuple[bytes, int]] = {}
-        self._suffix = {m: ("." + m).encode("ascii") for m in (HISTORY, TARGET, USER)}
-        self._suffix_sum = {m: sum(s) for m, s in self._suffix.items()}
-
-    def _header(self, key: bytes, key_sum: int, member: str, size: int) -> bytes:
-        sf = self._size_fields.get(size)
-        if sf is None:
-            f = b"%011o\0" % size
-            sf = self._size_fields[size] = (f, sum(f))
-        name = key + self._suffix[member]
-        if len(name) > 100:
-            raise ValueError(f"tar member name too long for the fast writer: {name!r}")
-        chk = self._BASE_SUM + key_sum + self._suffix_sum[member] + sf[1]
-        return b"".join((name.ljust(100, b"\0"), self._HEAD, sf[0], self._MID, b"%06o\0 " % chk, self._TAIL))
-
-    def write(self, key: str, history: bytes, target: int, user: int) -> None:
-        kb = key.encode("ascii")
-        ks = sum(kb)
-        hpad = -len(history) % _BLOCK
-        buf = b"".join((
-            self._header(kb, ks, HISTORY, len(history)), history, b"\0" * hpad,
-            self._header(kb, ks, TARGET, 4), struct.pack("<i", target), b"\0" * (_BLOCK - 4),
-            self._header(kb, ks, USER, 4), struct.pack("<i", user), b"\0" * (_BLOCK - 4),
-        ))
-        self.sink.write(buf)
-        self.offset += len(buf)
-
-    def close(self) -> None:
-        end = self.offset + 2 * _BLOCK
-        self.sink.write(b"\0" * (2 * _BLOCK + (-end % _RECORD)))
-
-
-class _SlowTar:
-    """The TarWriter path of :mod:`shards.build` (fallback if the fast writer ever disagrees)."""
-
-    def __init__(self, sink: Any) -> None:
-        self.tw = TarWriter(sink, encoder=False, mtime=0, compress=False, user=_TAR_USER, group=_TAR_USER)
-
-    def write(self, key: str, history: bytes, target: int, user: int) -> None:
-        split, u, j = key.split("-")
-        self.tw.write(encode_sample(split, int(u), int(j), np.frombuffer(history, dtype="<i4"), target))
-
-    def close(self) -> None:
-        self.tw.close()
-
-
-def _tar_bytes(cls: Any, samples: List[Tuple[str, bytes, int, int]]) -> bytes:
-    buf = io.BytesIO()
-    t = cls(buf)
-    for s in samples:
-        t.write(*s)
-    t.close()
-    return buf.getvalue()
-
-
-def fast_tar_matches_tarwriter() -> bool:
-    """True if :class:`_FastTar` writes the same bytes as TarWriter for probe samples (short and >512-byte histories)."""
-    probe = [
-        (make_key("train", 0, 2), np.arange(1, 2, dtype="<i4").tobytes(), 7, 0),
-        (make_key("val", 12345678, 99999), np.arange(1, 200, dtype="<i4").tobytes(), 2**31 - 1, 12345678),
-        (make_key("test", 3, 129), np.arange(5, 133, dtype="<i4").tobytes(), 1, 3),
-    ]
-    return _tar_bytes(_FastTar, probe) == _tar_bytes(_SlowTar, probe)
-
-
-class _SplitWriter:
-    """Streams the samples of one split into consecutive shards (tmp file + rename each, sha256 recorded)."""
-
-    def __init__(self, fs: Any, root: str, split: str, samples_per_shard: int, compress: bool, tar_cls: Any,
-                 pbar: Any, compress_level: int = DEFAULT_COMPRESS_LEVEL) -> None:
-        self.fs, self.root, self.split = fs, root, split
-        self.per_shard, self.compress, self.tar_cls, self.pbar = int(samples_per_shard), bool(compress), tar_cls, pbar
-        self.compress_level = int(compress_level)
-        self.shards: List[Dict[str, Any]] = []
-        self.num_samples = 0
-        self._open: Optional[Tuple[Any, ...]] = None
-        self._in_shard = 0
-
-    def _start(self) -> None:
-        name = shard_name(self.split, len(self.shards), self.compress)
-        path = posixpath.join(self.root, name)
-        raw = self.fs.open(path + ".tmp", "wb")
-        hw = _HashingWriter(raw)
-        gz = gzip.GzipFile(fileobj=hw, mode="wb", mtime=0, compresslevel=self.compress_level) if self.compress else None
-        self._open = (name, path, raw, hw, gz, self.tar_cls(gz if gz is not None else hw))
-        self._in_shard = 0
-
-    def _finish(self) -> None:
-        assert self._open is not None
-        name, path, raw, hw, gz, tar = self._open
-        tar.close()
-        if gz is not None:
-            gz.close()
-        raw.close()
-        _replace(self.fs, path + ".tmp", path)
-        self.shards.append({"name": name, "num_samples": self._in_shard, "sha256": hw.sha.hexdigest(),
-                            "bytes": hw.bytes})
-        self._open = None
-
-    def write_chunk(self, chunk: UserChunk, users: np.ndarray, js: np.ndarray, max_len: int) -> None:
-        """Write the samples ``(users[i], js[i])`` (local user index, 1-based target position) of ``chunk``."""
-        items, offsets = chunk.items, chunk.offsets
-        split, first_user = self.split, chunk.first_user
-        base = offsets[users]
-        hi = base + js - 1                    # target index in items
-        lo = np.maximum(base, hi - max_len)   # history = items[lo:hi]
-        targets = items[hi].tolist()
-        gu = (users + first_user).tolist()
-        lo_l, hi_l, js_l = lo.tolist(), hi.tolist(), js.tolist()
-        for i in range(len(gu)):
-            if self._open is None:
-                self._start()
-            u = gu[i]
-            self._open[5].write(f"{split}-{u:08d}-{js_l[i]:05d}", items[lo_l[i]:hi_l[i]].tobytes(), targets[i], u)
-            self._in_shard += 1
-            if self._in_shard == self.per_shard:
-                self._finish()
-        self.num_samples += len(gu)
-        self.pbar.update(len(gu))
-
-    def close(self) -> Dict[str, Any]:
-        if self._open is not None:
-            self._finish()
-        return {"num_samples": int(self.num_samples), "shards": self.shards}
-
-    def abort(self) -> None:
-        if self._open is not None:
-            self._open[2].close()  # leave the .tmp file; the next build removes it
-            self._open = None
-
-
-# --------------------------------------------------------------------------- build
-
-
-def synth_build_params(cfg: SynthConfig, max_len: int, train_prefixes_per_user: Optional[int],
-                       samples_per_shard: int, compress: bool, chunk_users: int,
-                       compress_level: int = DEFAULT_COMPRESS_LEVEL) -> Dict[str, Any]:
-    """The manifest ``build`` block (every parameter that changes the output bytes)."""
-    return {
-        "format": FORMAT,
-        "builder_version": SYNTH_VERSION,
-        "dataset": DATASET_NAME,
-        "generator": "shards.synthetic",
-        "synthetic": asdict(cfg),
-        "max_len": int(max_len),
-        "train_prefixes_per_user": None if train_prefixes_per_user is None else int(train_prefixes_per_user),
-        "samples_per_shard": int(samples_per_shard),
-        "seed": int(cfg.seed),
-        "compress": bool(compress),
-        "compress_level": int(compress_level) if compress else None,
-        "chunk_users": int(chunk_users),
-        "split_rule": "leave-one-out",
-        "train_shuffle": "within each chunk of chunk_users users (streaming; users are i.i.d.)",
-        "item_index": "synthetic ids 1..num_items (popularity rank = seeded permutation)",
-    }
+def synth_build_params(cfg: SynthConfig, train_prefixes_per_user: Optional[int], records_per_block: int,
+                       blocks_per_shard: int, compress: bool, chunk_users: int) -> Dict[str, Any]:
+    """The manifest ``build`` block (every parameter that changes the output)."""
+    return {"format": FORMAT, "builder_version": SYNTH_VERSION, "dataset": DATASET_NAME,
+            "generator": "shards.synthetic", "synthetic": asdict(cfg),
+            "train_prefixes_per_user": None if train_prefixes_per_user is None else int(train_prefixes_per_user),
+            "records_per_block": int(records_per_block), "blocks_per_shard": int(blocks_per_shard),
+            "compress": bool(compress), "chunk_users": int(chunk_users)}
 
 
 def synth_shards(
@@ -518,7 +292,6 @@ def synth_shards(
     num_users: int = 100_000,
     min_seq_len: int = 5,
     max_seq_len: int = 50,
-    max_len: int = 50,
     zipf_alpha: float = 1.1,
     zipf_offset: float = 10.0,
     num_interests: int = 1000,
@@ -528,27 +301,18 @@ def synth_shards(
     p_popular: float = 0.05,
     seed: int = 0,
     train_prefixes_per_user: Optional[int] = None,
-    samples_per_shard: int = 20000,
+    records_per_block: int = DEFAULT_RECORDS_PER_BLOCK,
+    blocks_per_shard: int = DEFAULT_BLOCKS_PER_SHARD,
     compress: bool = False,
     force: bool = False,
     progress: Optional[bool] = None,
     chunk_users: int = DEFAULT_CHUNK_USERS,
-    compress_level: int = DEFAULT_COMPRESS_LEVEL,
 ) -> Dict[str, Any]:
     """Generate a synthetic dataset into ``out`` (path or fsspec URL) and return its manifest.
 
-    Parameters of the generative process are those of :class:`SynthConfig`. The
-    others are as in :func:`shards.build.build_shards`: ``max_len`` (history
-    truncation), ``train_prefixes_per_user`` (keep each user's last K train
-    prefixes), ``samples_per_shard``, ``compress`` (``.tar.gz``, gzip level
-    ``compress_level``), ``force``
-    (rebuild although an identical build exists at ``out``), ``progress``
-    (tqdm bars; None = only on a terminal). ``chunk_users``: users generated
-    (and train samples shuffled) together; it changes the output, so it is part
-    of the build parameters.
-
-    Returns:
-        The manifest dict (also written, last and atomically, to ``<out>/manifest.json``).
+    Parameters of the generative process are those of :class:`SynthConfig`; the others are
+    :func:`shards.build.write_shards`'s. Idempotent like a build (same parameters: nothing
+    is written). ``chunk_users`` changes the output (RNG per chunk), so it is a build parameter.
     """
     cfg = SynthConfig(num_items=int(num_items), num_users=int(num_users), min_seq_len=int(min_seq_len),
                       max_seq_len=int(max_seq_len), zipf_alpha=float(zipf_alpha), zipf_offset=float(zipf_offset),
@@ -556,89 +320,21 @@ def synth_shards(
                       drift=float(drift), p_new_interest=float(p_new_interest), p_popular=float(p_popular),
                       seed=int(seed))
     cfg.validate()
-    if max_len < 1:
-        raise ValueError(f"max_len must be >= 1, got {max_len}")
-    if samples_per_shard < 1:
-        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
-    if not 1 <= compress_level <= 9:
-        raise ValueError(f"compress_level must be in 1..9, got {compress_level}")
     if chunk_users < 1:
         raise ValueError(f"chunk_users must be >= 1, got {chunk_users}")
-    if train_prefixes_per_user is not None and train_prefixes_per_user < 1:
-        raise ValueError(f"train_prefixes_per_user must be >= 1 or None, got {train_prefixes_per_user}")
-    build = synth_build_params(cfg, max_len, train_prefixes_per_user, samples_per_shard, compress, chunk_users,
-                               compress_level)
-    fs, root = fsspec.core.url_to_fs(out)
-    root = root.rstrip("/") or "/"
-    existing, done = _up_to_date(fs, root, build, True, force, out)
+    build = synth_build_params(cfg, train_prefixes_per_user, records_per_block, blocks_per_shard, compress,
+                               chunk_users)
+    build = json.loads(json.dumps(build))  # as the manifest stores it, so it compares equal
+    done = up_to_date(out, build, force)
     if done is not None:
         return done
-
     t0 = time.time()
-    tar_cls: Any = _FastTar
-    if not fast_tar_matches_tarwriter():  # pragma: no cover - only if tarfile's header layout changes
-        log.warning("fast tar writer disagrees with webdataset.TarWriter on this Python; using TarWriter (slow)")
-        tar_cls = _SlowTar
     catalog = Catalog.from_config(cfg)
     log.info("catalog: %d items in %d interest clusters (%.1f s)", cfg.num_items, cfg.num_interests, time.time() - t0)
-
-    manifest_path = posixpath.join(root, MANIFEST_NAME)
-    fs.makedirs(root, exist_ok=True)
-    if existing is not None and fs.exists(manifest_path):
-        fs.rm(manifest_path)  # never leave a manifest that points at shards being rewritten
-
-    counts = np.zeros(cfg.num_items + 1, dtype=np.int64)
-    interactions = 0
-    disable = None if progress is None else not progress
-    with tqdm(total=cfg.num_users, desc="synth users", unit="user", disable=disable, position=0) as ubar, \
-            tqdm(desc="synth samples", unit="sample", disable=disable, position=1) as sbar:
-        writers = {s: _SplitWriter(fs, root, s, samples_per_shard, compress, tar_cls, sbar, compress_level)
-                   for s in SPLITS}
-        try:
-            for chunk in iter_chunks(cfg, catalog, chunk_users):
-                chunk_train_counts(chunk, counts)
-                interactions += int(chunk.items.size)
-                samples = split_samples(chunk.lengths, train_prefixes_per_user)
-                tu, tj = samples["train"]
-                perm = np.random.default_rng([int(seed), 2, chunk.index]).permutation(tu.size)
-                writers["train"].write_chunk(chunk, tu[perm], tj[perm], max_len)
-                for s in ("val", "test"):
-                    writers[s].write_chunk(chunk, *samples[s], max_len)
-                ubar.update(chunk.lengths.size)
-                del chunk, samples, tu, tj, perm
-            splits = {s: writers[s].close() for s in SPLITS}
-        except BaseException:
-            for w in writers.values():
-                w.abort()
-            raise
-
-    buf = io.BytesIO()
-    np.save(buf, counts, allow_pickle=False)
-    _write_bytes_atomic(fs, posixpath.join(root, ITEM_COUNTS_NAME), buf.getvalue())
-    id_map = {"identity": True, "num_items": cfg.num_items, "num_users": cfg.num_users,
-              "note": "synthetic data: item id = raw item id (1..num_items), user index = raw user id"}
-    _write_bytes_atomic(fs, posixpath.join(root, ID_MAP_NAME), json.dumps(id_map).encode("utf-8"))
-    manifest: Dict[str, Any] = {
-        "format": FORMAT,
-        "dataset": DATASET_NAME,
-        "protocol": LEAVE_ONE_OUT,
-        "num_items": cfg.num_items,
-        "num_users": cfg.num_users,
-        "max_len": int(max_len),
-        "pad_id": PAD_ID,
-        "min_history_len": 1,
-        "stats": {"interactions": interactions, "train_interactions": int(counts.sum()),
-                  "train_items_seen": int(np.count_nonzero(counts))},
-        "splits": splits,
-        "train_item_counts_file": ITEM_COUNTS_NAME,
-        "id_map_file": ID_MAP_NAME,
-        "build": build,
-    }
-    _write_bytes_atomic(fs, manifest_path, json.dumps(manifest, indent=1).encode("utf-8"))
-    remove_stale_shards(fs, root, splits)
-    nbytes = sum(sh["bytes"] for s in splits.values() for sh in s["shards"])
-    log.info("synthetic: %d users, %d interactions, %s samples, %.1f MiB in %d shards, %.1f s",
-             cfg.num_users, interactions, {s: splits[s]["num_samples"] for s in SPLITS}, nbytes / 2**20,
-             sum(len(s["shards"]) for s in splits.values()), time.time() - t0)
-    return manifest
-
+    chunks = (chunk_records(c, cfg.num_items) for c in iter_chunks(cfg, catalog, chunk_users))
+    id_map = {"identity": True, "note": "synthetic data: item id = raw item id, record = user index"}
+    return write_shards(chunks, out, dataset=DATASET_NAME, protocol="leave_one_out", num_items=cfg.num_items,
+                        build=build, records_per_block=records_per_block, blocks_per_shard=blocks_per_shard,
+                        compress=compress, train_prefixes_per_user=train_prefixes_per_user,
+                        stats={"generator": asdict(cfg)}, id_map=id_map, progress=progress,
+                        total_records=cfg.num_users)

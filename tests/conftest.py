@@ -70,7 +70,7 @@ LAUNCH_JOB = ["--config", "configs/models/sasrec.yaml", "data.dataset=synthetic"
 def launch_shards(tmp_path_factory):
     """Synthetic shards of the launch tests (300 items, 200 users)."""
     from distributed_harness import synth_shards
-    return synth_shards(tmp_path_factory.mktemp("launch") / "shards", 300, 200, 300, 15)
+    return synth_shards(tmp_path_factory.mktemp("launch") / "shards", 300, 200, 40, 15)
 
 
 @pytest.fixture(scope="session")

@@ -84,15 +84,15 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout_s: float 
     return [results[r] for r in range(world_size)]
 
 
-def synth_shards(out, num_items: int, num_users: int, samples_per_shard: int, num_interests: int):
-    """Write a small synthetic shard set (``python -m shards synth``, max_len 10) to ``out``."""
+def synth_shards(out, num_items: int, num_users: int, records_per_block: int, num_interests: int):
+    """Write a small synthetic shard set (``python -m shards synth``, 2 blocks a shard) to ``out``."""
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
     subprocess.run([sys.executable, "-m", "shards", "synth", "--out", str(out), "--num-items", str(num_items),
-                    "--num-users", str(num_users), "--max-len", "10", "--samples-per-shard", str(samples_per_shard),
+                    "--num-users", str(num_users), "--records-per-block", str(records_per_block), "--blocks-per-shard", "2",
                     "--num-interests", str(num_interests), "--no-progress"], cwd=root, check=True,
                    capture_output=True, env=dict(os.environ, PYTHONPATH=str(root)))
     return out

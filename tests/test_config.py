@@ -21,9 +21,9 @@ def test_shipped_configs_load(path: Path):
 def test_overrides_and_bases(tmp_path):
     (tmp_path / "a.yaml").write_text("model:\n  dim: 32\ntrain:\n  max_steps: 5\n")
     (tmp_path / "b.yaml").write_text("base: [a.yaml]\nmodel:\n  dim: 48\n")
-    cfg = load_config(tmp_path / "b.yaml", ["train.lr=0.01", "eval.ks=[1,2]", "data.max_users=null"])
+    cfg = load_config(tmp_path / "b.yaml", ["train.lr=0.01", "eval.ks=[1,2]", "data.source.max_users=null"])
     assert (cfg.model.dim, cfg.train.max_steps, cfg.train.lr, cfg.eval.ks) == (48, 5, 0.01, (1, 2))
-    assert cfg.data.max_users is None
+    assert cfg.data.source.max_users is None
     assert parse_overrides(["a.b=true"]) == {"a": {"b": True}}
     with pytest.raises(ConfigError, match="unknown config field 'train.nope'"):
         load_config(None, ["train.nope=1"])
@@ -61,8 +61,8 @@ def test_compare_reuses_a_run_only_when_its_config_is_the_same():
     ("eval.mask_history='yes'", "config field 'eval.mask_history' expects bool, got 'yes' (str)"),
     ("eval.mask_history=enabled", "config field 'eval.mask_history' expects bool, got 'enabled' (str)"),
     ("model.name=3", "config field 'model.name' expects str, got 3 (int)"),
-    ("data.max_users=abc", "config field 'data.max_users' expects int | None, got 'abc' (str)"),
-    ("data.max_users=2.5", "config field 'data.max_users' expects int | None, got 2.5 (float)"),
+    ("data.train_prefixes_per_user=abc", "config field 'data.train_prefixes_per_user' expects int | None, got 'abc' (str)"),
+    ("data.train_prefixes_per_user=2.5", "config field 'data.train_prefixes_per_user' expects int | None, got 2.5 (float)"),
     ("train.betas=[0.9]", "config field 'train.betas' expects tuple[float, float], got [0.9] (list): "
                           "1 element, expected 2"),
     ("train.betas=[0.9, 0.98, 0.999]", "config field 'train.betas' expects tuple[float, float]"),
@@ -95,15 +95,17 @@ def test_overrides_of_the_wrong_type_are_rejected_naming_the_field(override, mes
     ("eval.ks=[]", "eval.ks", ()),
     ("eval.mask_history=true", "eval.mask_history", True),
     ("eval.mask_history=no", "eval.mask_history", False),  # a YAML 1.1 boolean
-    ("data.max_users=null", "data.max_users", None),
-    ("data.max_users=7", "data.max_users", 7),
+    ("data.source.max_users=null", "data.source.max_users", None),
+    ("data.source.max_users=7", "data.source.max_users", 7),
     ("checkpoint.url=s3://b/x", "checkpoint.url", "s3://b/x"),
+    ("data.source.files={train: a.tsv, valid: b.tsv, test: c.tsv}", "data.source.path", None),  # a new source
     ("train={max_steps: 3}", "train.max_steps", 3),
 ])
 def test_well_typed_overrides_are_converted(override, field, expected):
     cfg = load_config(None, [override])
-    section, name = field.split(".")
-    value = getattr(getattr(cfg, section), name)
+    value = cfg
+    for part in field.split("."):
+        value = getattr(value, part)
     assert value == expected and type(value) is type(expected)
 
 

@@ -41,6 +41,7 @@ def _job(data_dir, out_dir):
 
     cfg = load_config("configs/ml1m-diffrec_diffrec.yaml", [
         f"data.data_dir={data_dir}", f"data.shards_url={out_dir}/shards", f"output_dir={out_dir}", "name=job",
+        "data.source={files: {train: train_list.npy, valid: valid_list.npy, test: test_list.npy}, format: pairs_npy, protocol: given}", "diffrec.item_emb=item_emb.npy",
         "diffrec.dims=[16]", "diffrec.emb_size=4", "diffrec.steps=5", "train.batch_size=20",
         "train.lr=0.01", "sparse.lr=0.01", "train.max_epochs=40", "train.eval_every_epochs=10",
         "train.patience=0", "eval.ks=[10]", "eval.select_metric=Recall@10", "eval.batch_size=32"])

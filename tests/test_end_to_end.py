@@ -19,7 +19,7 @@ DATA = Path(default_data_dir()) / "ml-1m" / "raw" / "diffurec" / "interactions.t
 @pytest.mark.skipif(not DATA.exists(), reason=f"ML-1M not found at {DATA} (set RECSYS_DATA_DIR)")
 def test_diffurec_learns_on_ml1m_slice(tmp_path):
     overrides = [f"output_dir={tmp_path / 'runs'}", "name=e2e", f"data.shards_url={tmp_path / 'shards'}",
-                 "data.max_users=500", "train.max_steps=150", "train.eval_every=50", "train.batch_size=64",
+                 "data.source.max_users=500", "train.max_steps=150", "train.eval_every=50", "train.batch_size=64",
                  "eval.val_max_users=null"]
     cmd = [sys.executable, "-m", "launcher", "train", "--config", "configs/ml1m_diffurec.yaml", *overrides]
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))

@@ -27,7 +27,7 @@ def _fit(overrides: list[str]):
 @pytest.mark.skipif(not DATA.exists(), reason=f"ML-1M not found at {DATA}")
 def test_epochs_patience_and_curves(tmp_path) -> None:
     # lr 0 on both parts: validation can never improve, so patience 1 stops at the 2nd epoch
-    overrides = ["data.dataset=ml-1m", "data.max_len=10", "data.max_users=60", "data.train_prefixes_per_user=4",
+    overrides = ["data.dataset=ml-1m", "data.max_len=10", "data.source.max_users=60", "data.train_prefixes_per_user=4",
                  f"data.shards_url={tmp_path / 'shards'}", f"output_dir={tmp_path}", "name=epochs",
                  "train.batch_size=32", "train.max_steps=100000", "train.max_epochs=5", "train.eval_every_epochs=1",
                  "train.patience=1", "train.lr=0.0", "sparse.optimizer=sgd", "sparse.lr=0.0", "model.dropout=0.0",

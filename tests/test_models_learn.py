@@ -61,7 +61,7 @@ def _train_two_ranks(cases, model, shards, tmp_path):
 
 
 def _overrides(model, steps, shards, tmp_path, extra):
-    return ["data.dataset=ml-1m", "data.max_len=20", "data.max_users=300", "data.train_prefixes_per_user=40",
+    return ["data.dataset=ml-1m", "data.max_len=20", "data.source.max_users=300", "data.train_prefixes_per_user=40",
                  f"data.shards_url={shards}", f"output_dir={tmp_path}", f"name={model.replace('+', '-')}",
                  "train.batch_size=64", f"train.max_steps={steps}", "train.eval_every=0", "train.log_every=20",
                  "eval.val_max_users=null", *extra]

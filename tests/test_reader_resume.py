@@ -1,68 +1,53 @@
-"""Exact mid-epoch resume of ShardReader (``start_batch``, ``data_position``) on tiny local shards."""
+"""Exact mid-epoch resume of ``SequenceDataset`` (``start_batch``, ``set_position``,
+``data_position`` / ``restore_position`` / ``check_position``) on tiny hand-made shards.
+
+The reference is always the uninterrupted epoch read in-process; a resumed reader must yield
+exactly its batches ``k, k + 1, ...`` (every tensor equal), whatever the number of DataLoader
+workers, with ``max_batches`` caps and ``drop_last``.
+"""
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import os
-import random
+import shutil
 
 import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
-from webdataset import TarWriter
 
-from shards.reader import ShardReader, plan_batches, shard_order, worker_batch_caps, worker_resume
-from shards.schema import ShardError, encode_sample, shard_name
+import shards.dataset as dataset_mod
+from shards.build import write_shards
+from shards.dataset import SequenceDataset
+from shards.format import ShardError
+from shards.plan import epoch_windows, plan_batches, rank_plan, split_sizes, steps_per_epoch
+from shards.records import Records
 
 B = 5
-# unequal shards: with 2 workers, worker 0 gets 37+37+11 = 85 samples (17 batches), worker 1
-# 37+23 = 60 (12): the round-robin order changes once worker 1 is exhausted
-TRAIN_SIZES = [37, 37, 37, 23, 11]
+NUM_ITEMS = 40
+pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create")
 
 
-def write_shards(root, train_sizes, other=(7,), num_items=50, max_len=6, seed=0, compress=False):
-    """A tiny ``recsys-dist/seq-v1`` shard set (leave-one-out layout) with train shards of the
-    given sizes; sample ``i`` of a split has user ``i`` (unique keys)."""
-    os.makedirs(root, exist_ok=True)
+def make_records(seed=0, n=30):
+    """``n`` leave-one-out records of lengths 3..22: blocks of 4 records hold 4..76 train samples."""
     rng = np.random.default_rng(seed)
-    splits = {}
-    for split, sizes in (("train", train_sizes), ("val", other), ("test", other)):
-        shards, user = [], 0
-        for idx, n in enumerate(sizes):
-            name = shard_name(split, idx, compress)
-            buf = io.BytesIO()
-            with TarWriter(buf, encoder=False, mtime=0, compress=compress) as tw:
-                for _ in range(n):
-                    h = rng.integers(1, num_items + 1, size=int(rng.integers(1, max_len + 1)))
-                    tw.write(encode_sample(split, user, h.size + 1, h, int(rng.integers(1, num_items + 1))))
-                    user += 1
-            data = buf.getvalue()
-            with open(os.path.join(root, name), "wb") as f:
-                f.write(data)
-            shards.append({"name": name, "num_samples": n, "bytes": len(data),
-                           "sha256": hashlib.sha256(data).hexdigest()})
-        splits[split] = {"num_samples": sum(sizes), "shards": shards}
-    m = {"format": "recsys-dist/seq-v1", "num_items": num_items, "max_len": max_len, "protocol": "leave_one_out",
-         "min_history_len": 1, "splits": splits}
-    with open(os.path.join(root, "manifest.json"), "w") as f:
-        json.dump(m, f)
-    return m
+    lens = rng.integers(3, 23, size=n)
+    off = np.zeros(n + 1, np.int64)
+    np.cumsum(lens, out=off[1:])
+    items = rng.integers(1, NUM_ITEMS + 1, size=int(off[-1])).astype(np.int32)
+    return Records(off, items, np.stack([lens - 2, lens - 1], 1), NUM_ITEMS, "leave_one_out")
+
+
+def build(out, seed=0):
+    return write_shards([make_records(seed)], out, dataset="resume", protocol="leave_one_out", num_items=NUM_ITEMS,
+                        build={"seed": seed}, records_per_block=4, blocks_per_shard=2, progress=False)
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("resume") / "tiny")
-    return root, write_shards(root, TRAIN_SIZES)
-
-
-@pytest.fixture(scope="module")
-def few(tmp_path_factory):
-    """Two shards for 2 ranks x 2 workers: the sample-level split."""
-    root = str(tmp_path_factory.mktemp("resume") / "few")
-    return root, write_shards(root, [29, 18])
+    out = str(tmp_path_factory.mktemp("resume") / "tiny")
+    return out, build(out)
 
 
 def same(a, b):
@@ -71,190 +56,205 @@ def same(a, b):
                                     for x, y in zip(a, b))
 
 
-def loader(rd, nw, persistent=False):
-    return DataLoader(rd, batch_size=None, num_workers=nw, persistent_workers=persistent and nw > 0)
+def run(ds, nw):
+    return list(ds) if nw == 0 else list(DataLoader(ds, batch_size=None, num_workers=nw))
 
 
-# --------------------------------------------------------------------------- the mapping, by brute force
+# (split, reader kwargs): shuffled training (one rank; two ranks with the trainer's drop_last
+# and max_batches cap), evaluation of one rank of three (plan order, seen sets)
+CONFIGS = {
+    "train": ("train", dict(shuffle=True, seed=7, epoch=1, window_blocks=2)),
+    "train-capped": ("train", dict(rank=1, world_size=2, shuffle=True, seed=3, window_blocks=3, drop_last=True,
+                                   max_batches="steps-2")),
+    "valid": ("valid", dict(rank=2, world_size=3)),
+}
+BATCH = {"train": B, "train-capped": B, "valid": 3}  # valid: 10 samples of rank 2 -> batches 3, 3, 3, 1
 
 
-def dataloader_order(per_worker):
-    """What DataLoader(batch_size=None, in_order=True) yields from an IterableDataset whose
-    worker i yields ``per_worker[i]`` (a list): round-robin from worker 0, skipping exhausted ones."""
-    out, its, alive = [], [iter(x) for x in per_worker], [True] * len(per_worker)
-    while any(alive):
-        for i, it in enumerate(its):
-            if alive[i]:
-                try:
-                    out.append(next(it))
-                except StopIteration:
-                    alive[i] = False
-    return out
+def config(tiny, name):
+    out, m = tiny
+    split, kw = CONFIGS[name]
+    kw = dict(kw)
+    if kw.get("max_batches") == "steps-2":
+        kw["max_batches"] = steps_per_epoch(m, B, 2) - 2
+    return out, split, kw, BATCH[name]
 
 
-def test_worker_resume_matches_round_robin_brute_force():
-    rnd = random.Random(0)
-    cases = [[3, 3], [3, 2], [2, 3], [0, 4], [5, 0, 2], [1, 4, 4, 2], [17, 12], [4]]
-    cases += [[rnd.randint(0, 6) for _ in range(rnd.randint(1, 4))] for _ in range(200)]
-    for caps in cases:
-        full = dataloader_order([[(w, j) for j in range(c)] for w, c in enumerate(caps)])
-        assert len(full) == sum(caps)
-        for k in range(sum(caps) + 2):
-            skip, shift = worker_resume(caps, k)
-            assert skip == [sum(1 for w, _ in full[:k] if w == v) for v in range(len(caps))]
-            roles = [(i + shift) % len(caps) for i in range(len(caps))]
-            resumed = dataloader_order([[(r, j) for j in range(skip[r], caps[r])] for r in roles])
-            assert resumed == full[k:], (caps, k, skip, shift)
+def ks_of(n):
+    return sorted({0, 1, n // 2, n - 1, n, n + 3})
 
 
-@pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")
-def test_worker_resume_through_a_real_dataloader():
-    """The model of the DataLoader above is the real one (3 workers, unequal lengths)."""
-
-    class Roles(torch.utils.data.IterableDataset):
-        def __init__(self, caps, k):
-            self.caps, self.k = caps, k
-
-        def __iter__(self):
-            info = torch.utils.data.get_worker_info()
-            skip, shift = worker_resume(self.caps, self.k)
-            r = (info.id + shift) % info.num_workers
-            return iter([(r, j) for j in range(skip[r], self.caps[r])])
-
-    caps = [4, 1, 3]
-    full = [tuple(x) for x in DataLoader(Roles(caps, 0), batch_size=None, num_workers=3)]
-    assert full == dataloader_order([[(w, j) for j in range(c)] for w, c in enumerate(caps)])
-    for k in (1, 2, 4, 5, 7):
-        assert [tuple(x) for x in DataLoader(Roles(caps, k), batch_size=None, num_workers=3)] == full[k:]
-
-
-# --------------------------------------------------------------------------- the reader
-
-
-@pytest.mark.parametrize("nw", [0, 1, 2])
-@pytest.mark.parametrize("capped", [False, True])
-def test_resume_is_the_exact_suffix(tiny, nw, capped):
-    root, m = tiny
-    kw = dict(shuffle=True, seed=7, shuffle_buffer=8, drop_last=False)
-    if capped:
-        kw["max_batches"] = 20  # worker caps [10, 10] of [17, 12] for 2 workers
-    rd = ShardReader(root, "train", B, **kw)
-    dl = loader(rd, nw, persistent=True)
-    full = list(dl)
-    assert len(full) == (20 if capped else plan_batches(m, "train", B, 1, max(nw, 1), False)[0])
-    assert same(list(dl), full)
-    ks = sorted({1, 2, 3, 11, 12, 13, len(full) - 1, len(full), len(full) + 3} | set(range(20, 27)))
-    for k in ks:
-        rd.set_position(0, k)  # persistent workers see it through shared memory
-        assert same(list(dl), full[k:]), k
-    # a fresh reader constructed with start_batch (non-persistent workers)
-    for k in (5, 24 if not capped else 15):
-        assert same(list(loader(ShardReader(root, "train", B, start_batch=k, **kw), nw)), full[k:]), k
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_resume_in_process_all_ways(tiny, name):
+    out, split, kw, B = config(tiny, name)
+    m = tiny[1]
+    ds = SequenceDataset(out, split, B, **kw)
+    full = list(ds)
+    planned = plan_batches(m, split, B, kw.get("world_size", 1), kw.get("drop_last", False))[kw.get("rank", 0)]
+    assert len(full) == len(ds) == min(planned, kw.get("max_batches") or planned) >= 4
+    if "max_batches" in kw:
+        assert len(full) < planned  # the cap bites
+    if kw.get("drop_last"):
+        assert all(b["target"].shape[0] == B for b in full)
+    elif name == "valid":
+        assert full[-1]["target"].shape[0] < B  # a partial last batch is part of the stream
+    assert same(list(ds), full)  # a second pass over the same reader
+    epoch = kw.get("epoch", 0)
+    for k in ks_of(len(full)):
+        assert same(list(SequenceDataset(out, split, B, **dict(kw, start_batch=k))), full[k:]), ("start_batch", k)
+        ds.set_position(epoch, k)
+        assert same(list(ds), full[k:]), ("set_position", k)
+        pos = json.loads(json.dumps(ds.data_position(k)))  # what a checkpoint stores
+        fresh = SequenceDataset(out, split, B, **dict(kw, epoch=0))
+        fresh.restore_position(pos)
+        if k < len(full):
+            assert (fresh.epoch, fresh.start_batch, pos["epoch_done"]) == (epoch, k, False)
+            assert same(list(fresh), full[k:]), ("restore_position", k)
+        else:  # a finished epoch resumes at the start of the next one
+            assert pos["epoch_done"] and pos["start_batch"] == len(full) and (fresh.epoch, fresh.start_batch) == (
+                epoch + 1, 0)
+            assert same(list(fresh), list(SequenceDataset(out, split, B, **dict(kw, epoch=epoch + 1))))
 
 
-@pytest.mark.parametrize("nw", [0, 2])
-def test_resume_two_ranks_few_shards_and_drop_last(few, nw):
-    root, m = few  # 2 shards < 4 readers: every reader keeps every 4th sample
-    for rank in (0, 1):
-        kw = dict(rank=rank, world_size=2, shuffle=True, seed=1, shuffle_buffer=4, drop_last=True)
-        rd = ShardReader(root, "train", 3, **kw)
-        dl = loader(rd, nw, persistent=True)
-        full = list(dl)
-        assert len(full) == plan_batches(m, "train", 3, 2, max(nw, 1), True)[rank]
-        for k in range(len(full) + 1):
-            rd.set_position(0, k)
-            assert same(list(dl), full[k:]), (rank, k)
+@pytest.mark.parametrize("nw", [1, 2, 3])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_resume_with_workers(tiny, name, nw):
+    out, split, kw, B = config(tiny, name)
+    ref = list(SequenceDataset(out, split, B, **kw))
+    ds = SequenceDataset(out, split, B, **kw)
+    assert same(run(ds, nw), ref)  # the workers' stream is the in-process one
+    epoch = kw.get("epoch", 0)
+    for i, k in enumerate(ks_of(len(ref))):  # the three ways in turn (each costs a DataLoader start)
+        way = (i + nw) % 3
+        if way == 0:
+            r = SequenceDataset(out, split, B, **dict(kw, start_batch=k))
+        elif way == 1:
+            r = ds
+            r.set_position(epoch, k)
+        else:
+            r = SequenceDataset(out, split, B, **dict(kw, epoch=0))
+            r.restore_position(json.loads(json.dumps(ds.data_position(k, num_workers=nw))), num_workers=nw)
+            if k >= len(ref):
+                assert (r.epoch, r.start_batch) == (epoch + 1, 0)
+                continue
+        assert same(run(r, nw), ref[k:]), (nw, k, way)
 
 
 def test_resume_applies_to_its_epoch_only(tiny):
-    root, _ = tiny
-    kw = dict(shuffle=True, seed=3, shuffle_buffer=10)
-    e3 = list(loader(ShardReader(root, "train", B, epoch=3, **kw), 2))
-    e4 = list(loader(ShardReader(root, "train", B, epoch=4, **kw), 2))
-    assert not same(e3, e4)
-    rd = ShardReader(root, "train", B, epoch=3, start_batch=9, **kw)
-    dl = loader(rd, 2, persistent=True)
-    rd.set_epoch(3)  # a trainer's usual set_epoch at the top of the loop keeps the resume point
-    assert same(list(dl), e3[9:])
-    rd.set_epoch(4)
-    assert same(list(dl), e4)
-    rd.set_epoch(3)  # only the resumed epoch (3) starts late
-    assert same(list(dl), e3[9:])
+    out, _ = tiny
+    kw = dict(shuffle=True, seed=3, window_blocks=2)
+    e3 = list(SequenceDataset(out, "train", B, epoch=3, **kw))
+    e4 = list(SequenceDataset(out, "train", B, epoch=4, **kw))
+    assert len(e3) == len(e4) and not same(e3, e4)
+    ds = SequenceDataset(out, "train", B, epoch=3, start_batch=9, **kw)
+    assert same(list(ds), e3[9:])
+    ds.set_epoch(4)  # a new epoch starts at its beginning
+    assert same(list(ds), e4)
+    ds.set_position(3, 20)
+    assert same(list(DataLoader(ds, batch_size=None, num_workers=2)), e3[20:])
 
 
-def test_resume_does_not_reread_consumed_shards(tiny, tmp_path):
-    """A resumed reader opens only the shards it still needs: without a shuffle buffer those
-    after the resume point; with one, also those whose samples are still buffered."""
-    root, m = tiny
-    names = [sh["name"] for sh in m["splits"]["train"]["shards"]]
-    full = list(ShardReader(root, "train", B))  # one reader: shards in order 0..4
-    k = (37 + 37) // B + 1  # the first batch that lies entirely in shard 2
+def test_data_position_contents(tiny):
+    out, m = tiny
+    ds = SequenceDataset(out, "train", B, shuffle=True, seed=11, epoch=2, max_batches=25)
+    pos = ds.data_position(13, num_workers=2)
+    assert json.loads(json.dumps(pos)) == pos
+    assert (pos["epoch"], pos["start_batch"], pos["epoch_batches"], pos["epoch_done"]) == (2, 13, 25, False)
+    assert ds.data_position(13, num_workers=0) == ds.data_position(13, num_workers=3) == pos  # workers don't matter
+    assert ds.data_position(10**6)["start_batch"] == 25 and ds.data_position(10**6)["epoch_done"]
+    assert ds.data_position(4, epoch=5)["epoch"] == 5
+
+
+@pytest.mark.parametrize("change,field", [
+    (dict(batch_size=B + 1), "batch_size"),
+    (dict(world_size=2), "world_size"),
+    (dict(rank=1, world_size=2), "rank"),
+    (dict(seed=12), "seed"),
+    (dict(window_blocks=3), "window_blocks"),
+    (dict(drop_last=False), "drop_last"),
+    (dict(max_batches=24), "max_batches"),
+    (dict(split="valid", shuffle=False), "split"),
+])
+def test_check_position_refuses_another_layout(tiny, change, field):
+    out, _ = tiny
+    kw = dict(split="train", batch_size=B, rank=0, world_size=1, shuffle=True, seed=11, window_blocks=2,
+              drop_last=True, max_batches=25)
+    pos = json.loads(json.dumps(SequenceDataset(out, **kw).data_position(13)))
+    SequenceDataset(out, **kw).check_position(pos, num_workers=3)  # same layout: fine, any workers
+    other = SequenceDataset(out, **{**kw, **change})
+    with pytest.raises(ValueError, match=field + ": saved") as ei:
+        other.check_position(pos)
+    with pytest.raises(ValueError, match=field):
+        other.restore_position(pos)
+    assert "exact resume impossible" in str(ei.value)
+
+
+def test_check_position_refuses_another_manifest(tiny, tmp_path):
+    out, m = tiny
+    pos = SequenceDataset(out, "train", B, shuffle=True, seed=1).data_position(3)
+    other = str(tmp_path / "other")
+    m2 = build(other, seed=1)  # other records, same shapes of everything else
+    assert m2["num_records"] == m["num_records"]
+    with pytest.raises(ValueError, match="blocks_digest: saved"):
+        SequenceDataset(other, "train", B, shuffle=True, seed=1).check_position(pos)
+    # a rebuild of the same records is the same data: the position stays valid
+    same_again = str(tmp_path / "again")
+    build(same_again, seed=0)
+    SequenceDataset(same_again, "train", B, shuffle=True, seed=1).check_position(pos)
+
+
+def test_resume_skips_consumed_blocks_unread(tiny, tmp_path):
+    """In plan order a resumed reader never opens the shards wholly before its position."""
+    out, m = tiny
+    full = list(SequenceDataset(out, "train", B))
+    sizes = split_sizes(m, "train")
+    first_shard = sum(sizes[:2])  # train samples of shard 0 (blocks 0, 1)
+    k = -(-first_shard // B)  # the first batch with no sample of shard 0
     copy = str(tmp_path / "copy")
-    write_shards(copy, TRAIN_SIZES)
-    for name in names[:2]:
-        os.remove(os.path.join(copy, name))
-    assert same(list(ShardReader(copy, "train", B, start_batch=k)), full[k:])
-    with pytest.raises(ShardError, match=names[0]):
-        list(ShardReader(copy, "train", B, start_batch=1))
-    # shuffled with a buffer of 4: at batch 20 (sample 100) the buffer holds no sample of the
-    # shards at epoch positions 0 and 1 (a permutation of the three 37-sample shards)
-    kw = dict(shuffle=True, seed=0, shuffle_buffer=4)
-    full = list(ShardReader(root, "train", B, **kw))
-    perm = shard_order(TRAIN_SIZES, True, 0, 0)
-    copy2 = str(tmp_path / "copy2")
-    write_shards(copy2, TRAIN_SIZES)
-    for p in perm[:2]:
-        os.remove(os.path.join(copy2, names[p]))
-    assert same(list(ShardReader(copy2, "train", B, start_batch=20, **kw)), full[20:])
-    with pytest.raises(ShardError):
-        list(ShardReader(copy2, "train", B, start_batch=5, **kw))
+    shutil.copytree(out, copy)
+    os.remove(os.path.join(copy, "seq-00000.tar"))
+    assert same(list(SequenceDataset(copy, "train", B, start_batch=k)), full[k:])
+    with pytest.raises(ShardError, match="seq-00000.tar"):
+        list(SequenceDataset(copy, "train", B, start_batch=k - 1))
 
 
-def test_resume_with_on_error_skip_replays(tiny):
-    root, _ = tiny
-    kw = dict(shuffle=True, seed=5, shuffle_buffer=6, on_error="skip")
-    full = list(loader(ShardReader(root, "train", B, **kw), 2))
-    for k in (3, 24):
-        assert same(list(loader(ShardReader(root, "train", B, start_batch=k, **kw), 2)), full[k:])
+def test_resume_skips_consumed_windows_unread(tiny, monkeypatch):
+    """Shuffled: exactly the blocks of the windows not wholly consumed are read, each once."""
+    out, m = tiny
+    kw = dict(shuffle=True, seed=5, epoch=2, window_blocks=2)
+    full = list(SequenceDataset(out, "train", B, **kw))
+    windows = epoch_windows(rank_plan(split_sizes(m, "train"), 0, 1),
+                            [s for s, sh in enumerate(m["shards"]) for _ in sh["blocks"]], True, 5, 2, 0, 2)
+    entries = [(s, p) for s, sh in enumerate(m["shards"]) for p in range(len(sh["blocks"]))]
+    read_blocks = []
+    real = dataset_mod.read_shard
+
+    def spy(manifest, base_url, s, wanted, *a):
+        read_blocks.extend(entries.index((s, p)) for p in wanted)
+        return real(manifest, base_url, s, wanted, *a)
+
+    monkeypatch.setattr(dataset_mod, "read_shard", spy)
+    ends = np.cumsum([w.samples for w in windows])
+    for k in (0, 7, len(full) // 2, len(full) - 1):
+        read_blocks.clear()
+        assert same(list(SequenceDataset(out, "train", B, start_batch=k, **kw)), full[k:])
+        need = [b for w, e in zip(windows, ends) if e > k * B for b, _, _ in w.entries]
+        assert sorted(read_blocks) == sorted(need), k
+        if k == len(full) - 1:
+            assert len(need) < len(entries)  # the last batch needs only the last window
 
 
-def test_data_position_round_trip(tiny):
-    root, m = tiny
-    kw = dict(shuffle=True, seed=11, shuffle_buffer=10, max_batches=25)
-    rd = ShardReader(root, "train", B, epoch=2, **kw)
-    full = list(loader(rd, 2))
-    pos = rd.data_position(13, num_workers=2)
-    pos = json.loads(json.dumps(pos))  # what a checkpoint stores
-    assert pos["epoch"] == 2 and pos["start_batch"] == 13 and pos["epoch_batches"] == 25
-    assert not pos["epoch_done"]
-    assert [w["batches"] for w in pos["workers"]] == worker_batch_caps([13, 12], 13) == [7, 6]
-    assert [w["samples"] for w in pos["workers"]] == [35, 30]
-    fresh = ShardReader(root, "train", B, **kw)
-    fresh.restore_position(pos, num_workers=2)
-    assert fresh.epoch == 2 and fresh.start_batch == 13
-    assert same(list(loader(fresh, 2)), full[13:])
-    # a position is only valid for the same layout
-    with pytest.raises(ValueError, match="readers_per_rank"):
-        fresh.check_position(pos, num_workers=3)
-    with pytest.raises(ValueError, match="batch_size"):
-        ShardReader(root, "train", B + 1, **kw).check_position(pos, num_workers=2)
-    with pytest.raises(ValueError, match="seed"):
-        ShardReader(root, "train", B, **dict(kw, seed=12)).check_position(pos, num_workers=2)
-    ShardReader(root, "train", B, **kw).check_position(pos, num_workers=2)  # ok
-    # 0 and 1 workers are the same layout
-    assert rd.data_position(4, 0)["workers"] == rd.data_position(4, 1)["workers"]
-    # a finished epoch resumes at the start of the next one
-    done = rd.data_position(25, num_workers=2)
-    assert done["epoch_done"]
-    fresh.restore_position(done, num_workers=2)
-    assert (fresh.epoch, fresh.start_batch) == (3, 0)
-    assert same(list(loader(fresh, 2)), list(loader(ShardReader(root, "train", B, epoch=3, **kw), 2)))
-
-
-def test_start_batch_validation(tiny):
-    root, _ = tiny
-    with pytest.raises(ValueError, match="start_batch"):
-        ShardReader(root, "train", B, start_batch=-1)
-    with pytest.raises(ValueError, match="io_attempts"):
-        ShardReader(root, "train", B, io_attempts=0)
-    assert list(ShardReader(root, "train", B, start_batch=10**6)) == []
+def test_start_batch_past_the_end_and_validation(tiny):
+    out, _ = tiny
+    assert list(SequenceDataset(out, "train", B, start_batch=10**6)) == []
+    # a negative position is an error (at construction or on iteration), never extra batches beyond len()
+    capped = SequenceDataset(out, "train", B, max_batches=5)
+    for make in (lambda: SequenceDataset(out, "train", B, max_batches=5, start_batch=-1),
+                 lambda: (capped.set_position(0, -1), capped)[1]):
+        try:
+            ds = make()
+            n = sum(1 for _ in ds)
+        except ValueError as e:
+            assert "start_batch" in str(e)
+            continue
+        assert n <= len(ds) == 5, n

@@ -32,7 +32,7 @@ STEPS, EVERY = 120, 10
 
 @pytest.fixture(scope="module")
 def synth_shards(tmp_path_factory):
-    return write_synth_shards(tmp_path_factory.mktemp("synth") / "shards", 400, 300, 400, 20)
+    return write_synth_shards(tmp_path_factory.mktemp("synth") / "shards", 400, 300, 40, 20)
 
 
 def _cmd(out_dir: Path, shards: Path, restarts: int) -> list[str]:

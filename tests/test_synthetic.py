@@ -1,44 +1,31 @@
-"""Tests of the synthetic dataset generator (shards/synthetic.py): format, determinism, learnability,
-popularity skew, streaming memory, and the ``python -m shards synth`` CLI. All configs are small."""
+"""Tests of the synthetic dataset generator (shards/synthetic.py) on ``recsys-dist/seq-v2``:
+samples read back through ``SequenceDataset`` vs. the regenerated sequences, item counts,
+determinism and idempotency, learnability (interest oracle vs. popularity), popularity skew,
+streaming memory, and the ``python -m shards synth`` CLI. All configs are small."""
 
 from __future__ import annotations
 
-import io
-import json
 import os
-import subprocess
-import sys
 import tracemalloc
 from collections import Counter
 
 import numpy as np
 import pytest
-from webdataset import TarWriter
 
-from shards import ShardReader, load_manifest, verify_shards
-from shards.build import split_samples
-from shards.schema import encode_sample, make_key
-from shards.synthetic import (
-    Catalog,
-    SynthConfig,
-    _FastTar,
-    fast_tar_matches_tarwriter,
-    generate_chunk,
-    iter_chunks,
-    synth_shards,
-)
+from shards.dataset import SequenceDataset
+from shards.format import load_manifest
+from shards.synthetic import Catalog, SynthConfig, chunk_records, generate_chunk, iter_chunks, synth_shards
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-# main fixture: small catalog, several chunks and shards per split
+# main fixture: small catalog, several chunks, blocks and shards
 SMALL = dict(num_items=3000, num_users=1200, min_seq_len=3, max_seq_len=25, num_interests=30, seed=3)
 MAX_LEN = 8
-CHUNK = 500
-PER_SHARD = 1000
+CHUNK = 500  # not a multiple of the block size: blocks straddle chunks
+RPB = 160
+SPLITS = ("train", "valid", "test")
 
 
 def _make(out, **kw):
-    args = {**SMALL, "max_len": MAX_LEN, "samples_per_shard": PER_SHARD, "chunk_users": CHUNK, "progress": False}
+    args = {**SMALL, "records_per_block": RPB, "blocks_per_shard": 2, "chunk_users": CHUNK, "progress": False}
     args.update(kw)
     return synth_shards(str(out), **args)
 
@@ -49,10 +36,12 @@ def small(tmp_path_factory):
     return str(out), _make(out)
 
 
-def _read(out, split, **kw):
+def _read(out, split, max_len=MAX_LEN, **kw):
+    """(user, target, history without padding) of every sample, in stream order."""
     rows = []
-    for b in ShardReader(out, split, 256, **kw):
+    for b in SequenceDataset(out, split, 256, max_len=max_len, **kw):
         for h, t, u in zip(b["history"].tolist(), b["target"].tolist(), b["user"].tolist()):
+            assert all(x == 0 for x in h[:h.count(0)])  # left padding
             rows.append((u, t, tuple(x for x in h if x != 0)))
     return rows
 
@@ -69,117 +58,135 @@ def _cfg(**kw):
     return SynthConfig(**{**SMALL, **kw})
 
 
+def _expected(seqs, max_len, k=None):
+    """Leave-one-out by definition: train = every prefix j in [1, n-2) (the last k), valid = n-2, test = n-1."""
+    out = {s: [] for s in SPLITS}
+    for u, s in enumerate(seqs):
+        n = len(s)
+        js = list(range(1, n - 2))
+        out["train"] += [(u, s[j], tuple(s[:j][-max_len:])) for j in (js if k is None else js[-k:])]
+        out["valid"].append((u, s[n - 2], tuple(s[:n - 2][-max_len:])))
+        out["test"].append((u, s[n - 1], tuple(s[:n - 1][-max_len:])))
+    return out
+
+
 # --------------------------------------------------------------------------- format
 
 
 def test_round_trip_through_reader(small):
     out, m = small
     m2 = load_manifest(out)
-    assert m2["protocol"] == "leave_one_out" and m2["min_history_len"] == 1 and m2["max_len"] == MAX_LEN
-    assert m2["num_items"] == SMALL["num_items"] and m2["num_users"] == SMALL["num_users"]
-    assert verify_shards(out)["problems"] == []
+    assert m2["format"] == "recsys-dist/seq-v2" and m2["dataset"] == "synthetic"
+    assert m2["protocol"] == "leave_one_out" and m2["min_history_len"] == 1 and m2["train_prefixes_per_user"] is None
+    assert m2["num_items"] == SMALL["num_items"] and m2["num_records"] == m2["num_users"] == SMALL["num_users"]
+    assert len(m2["shards"]) == 4 and sum(len(sh["blocks"]) for sh in m2["shards"]) == 8  # 1200 / 160
     seqs = _sequences(_cfg(), CHUNK)
-    assert len(seqs) == SMALL["num_users"]
     lengths = np.array([len(s) for s in seqs])
-    assert lengths.min() >= SMALL["min_seq_len"] and lengths.max() <= SMALL["max_seq_len"]
-    expected = {}
-    for split, (us, js) in split_samples(lengths).items():
-        expected[split] = Counter(
-            (int(u), seqs[u][j - 1], tuple(seqs[u][max(0, j - 1 - MAX_LEN):j - 1])) for u, j in zip(us, js))
-    for split in ("train", "val", "test"):
+    assert len(seqs) == SMALL["num_users"]
+    assert lengths.min() == SMALL["min_seq_len"] and lengths.max() == SMALL["max_seq_len"]
+    assert m2["max_record_len"] == SMALL["max_seq_len"]
+    # leave-one-out bounds: train = s_1..s_{n-2}, valid = s_{n-1}, test = s_n
+    assert m2["num_interactions"] == {"train": int((lengths - 2).sum()), "valid": SMALL["num_users"],
+                                      "test": SMALL["num_users"]}
+    assert m2["num_samples"] == {"train": int((lengths - 3).sum()), "valid": SMALL["num_users"],
+                                 "test": SMALL["num_users"]}
+    exp = _expected(seqs, MAX_LEN)
+    for split in SPLITS:
         rows = _read(out, split)
-        assert len(rows) == m["splits"][split]["num_samples"] == sum(sh["num_samples"] for sh in m["splits"][split]["shards"])
-        assert Counter(rows) == expected[split], split
+        assert rows == exp[split], split  # canonical order: users ascending, prefixes ascending
         for u, t, h in rows:
             assert 1 <= t <= SMALL["num_items"] and 1 <= len(h) <= MAX_LEN
-            assert all(1 <= x <= SMALL["num_items"] for x in h)
-        if split != "train":  # one per user, in user order
-            assert [r[0] for r in rows] == list(range(SMALL["num_users"]))
-    assert len(m["splits"]["train"]["shards"]) > 2
-    # train: shuffled, but only within chunks of CHUNK users (written chunk after chunk)
-    users = [r[0] for r in _read(out, "train")]
-    chunk_of = [u // CHUNK for u in users]
-    assert chunk_of == sorted(chunk_of)
-    assert users != sorted(users)
+    # the shards do not depend on max_len: a wider reader sees longer histories of the same samples
+    assert _read(out, "test", max_len=30) == _expected(seqs, 30)["test"]
+    # the training shuffle reorders, over block windows (across chunks), the same samples
+    shuffled = _read(out, "train", shuffle=True, seed=1, window_blocks=4)
+    assert shuffled != exp["train"] and Counter(shuffled) == Counter(exp["train"])
+    users = [r[0] for r in shuffled[:200]]
+    assert len({u // RPB for u in users}) > 1
+
+
+def test_chunk_records_are_leave_one_out():
+    cfg = _cfg(num_users=50)
+    ch = generate_chunk(cfg, Catalog.from_config(cfg), 0, 0, 50)
+    r = chunk_records(ch, cfg.num_items)
+    r.validate()
+    n = np.diff(r.offsets)
+    assert r.protocol == "leave_one_out" and (r.bounds == np.stack([n - 2, n - 1], 1)).all()
+    assert r.segment_counts() == {"train": int((n - 2).sum()), "valid": 50, "test": 50}
+    with pytest.raises(ValueError, match="min_seq_len must be >= 3"):
+        SynthConfig(min_seq_len=2).validate()
 
 
 def test_item_counts_are_exact_train_counts(small):
     out, m = small
     counts = np.load(os.path.join(out, m["train_item_counts_file"]))
+    targets = np.load(os.path.join(out, m["train_target_counts_file"]))
     assert counts.dtype == np.int64 and counts.shape == (SMALL["num_items"] + 1,) and counts[0] == 0
-    ref = np.zeros_like(counts)
+    ref, tref = np.zeros_like(counts), np.zeros_like(counts)
     for s in _sequences(_cfg(), CHUNK):
-        for x in s[:-2]:  # s_1..s_{n-2}
+        for x in s[:-2]:  # s_1..s_{n-2}: the train segment
             ref[x] += 1
+        for x in s[1:-2]:  # the train targets (every prefix j >= 1)
+            tref[x] += 1
     np.testing.assert_array_equal(counts, ref)
-    assert m["stats"]["train_interactions"] == int(ref.sum())
-    with open(os.path.join(out, m["id_map_file"])) as f:
-        assert json.load(f)["identity"] is True
+    np.testing.assert_array_equal(targets, tref)
+    assert m["num_interactions"]["train"] == int(ref.sum())
+    assert m["num_samples"]["train"] == int(tref.sum())
 
 
 def test_train_prefixes_per_user_and_compress(tmp_path):
-    m = _make(tmp_path / "k2", train_prefixes_per_user=2, compress=True, num_users=300)
     out = str(tmp_path / "k2")
-    assert all(sh["name"].endswith(".tar.gz") for s in m["splits"].values() for sh in s["shards"])
-    rows = _read(out, "train")
-    per_user = Counter(u for u, _, _ in rows)
-    assert max(per_user.values()) == 2
-    assert len(rows) == m["splits"]["train"]["num_samples"]
-    assert len(_read(out, "test")) == len(_read(out, "val")) == 300
-
-
-def test_fast_tar_writer_is_byte_identical_to_tarwriter():
-    assert fast_tar_matches_tarwriter()
-    rng = np.random.default_rng(0)
-    samples = [(s, int(u), int(j), rng.integers(1, 2**31 - 1, size=int(n)).astype("<i4"), int(t))
-               for s, u, j, n, t in zip(rng.choice(["train", "val", "test"], 60), rng.integers(0, 10**8, 60),
-                                        rng.integers(2, 10**5, 60), rng.integers(1, 300, 60),
-                                        rng.integers(1, 2**31 - 1, 60))]
-    a, b = io.BytesIO(), io.BytesIO()
-    with TarWriter(a, encoder=False, mtime=0, compress=False, user="recsys", group="recsys") as tw:
-        for s, u, j, h, t in samples:
-            tw.write(encode_sample(s, u, j, h, t))
-    ft = _FastTar(b)
-    for s, u, j, h, t in samples:
-        ft.write(make_key(s, u, j), h.tobytes(), t, u)
-    ft.close()
-    assert a.getvalue() == b.getvalue()
+    m = _make(out, train_prefixes_per_user=2, compress=True, num_users=300)
+    assert all(sh["name"].endswith(".tar.gz") for sh in m["shards"])
+    exp = _expected(_sequences(_cfg(num_users=300), CHUNK), MAX_LEN, k=2)
+    for split in SPLITS:
+        assert _read(out, split) == exp[split], split
+    per_user = Counter(u for u, _, _ in exp["train"])
+    assert max(per_user.values()) == 2 and min(per_user[u] for u in range(300)) == 0  # length 3: none
+    assert m["num_samples"]["train"] == len(exp["train"])
 
 
 # --------------------------------------------------------------------------- determinism / idempotency
 
 
 def _digest(m):
-    return {s: [(sh["name"], sh["sha256"], sh["bytes"]) for sh in v["shards"]] for s, v in m["splits"].items()}
+    return [(sh["name"], sh["sha256"], sh["bytes"], [(b["key"], b["sha256"]) for b in sh["blocks"]])
+            for sh in m["shards"]]
 
 
 def test_deterministic_by_seed(tmp_path):
     kw = dict(num_users=400)
-    a, b, c = (_make(tmp_path / n, **kw, **({"seed": 4} if n == "c" else {})) for n in ("a", "b", "c"))
+    a, b = _make(tmp_path / "a", **kw), _make(tmp_path / "b", **kw)
+    c = _make(tmp_path / "c", seed=4, **kw)
+    d = _make(tmp_path / "d", chunk_users=300, **kw)  # the RNG is per chunk: another output
     assert _digest(a) == _digest(b)
-    with open(tmp_path / "a" / "item_counts.npy", "rb") as fa, open(tmp_path / "b" / "item_counts.npy", "rb") as fb:
-        assert fa.read() == fb.read()
-    assert _digest(a)["test"] != _digest(c)["test"]
-    with open(tmp_path / "a" / "manifest.json") as fa, open(tmp_path / "b" / "manifest.json") as fb:
-        assert fa.read() == fb.read()
+    blocks = lambda m: [bl["sha256"] for sh in m["shards"] for bl in sh["blocks"]]  # noqa: E731
+    assert len(set(blocks(a))) == len(blocks(a)) == 3
+    assert not set(blocks(a)) & set(blocks(c)) and blocks(a) != blocks(d)
+    for name in ("item_counts.npy", "target_counts.npy", "manifest.json"):
+        with open(tmp_path / "a" / name, "rb") as fa, open(tmp_path / "b" / name, "rb") as fb:
+            assert fa.read() == fb.read(), name
+
+
+def _mtimes(d):
+    return {p: os.stat(os.path.join(d, p)).st_mtime_ns for p in os.listdir(d)}
 
 
 def test_idempotent_and_force(tmp_path):
     out = tmp_path / "x"
-    m = _make(out, num_users=200)
-    shard = out / m["splits"]["test"]["shards"][0]["name"]
-    t0 = os.stat(shard).st_mtime_ns
-    assert _make(out, num_users=200) == m
-    assert os.stat(shard).st_mtime_ns == t0
-    # other parameters -> rebuilt; stale shards of the bigger earlier build are removed
-    m2 = _make(out, num_users=200, samples_per_shard=100)
-    assert len(m2["splits"]["train"]["shards"]) > len(m["splits"]["train"]["shards"])
-    m3 = _make(out, num_users=200)
-    assert _digest(m3) == _digest(m)
-    names = {sh["name"] for s in m3["splits"].values() for sh in s["shards"]}
-    assert {p for p in os.listdir(out) if ".tar" in p} == names
-    _make(out, num_users=200, force=True)
-    assert os.stat(shard).st_mtime_ns != t0
+    m = _make(out, num_users=400, blocks_per_shard=1)
+    before = _mtimes(out)
+    assert _make(out, num_users=400, blocks_per_shard=1) == m
+    assert _mtimes(out) == before  # nothing written
+    # other parameters -> rebuilt; the stale shards of the earlier layout are removed
+    m2 = _make(out, num_users=400, blocks_per_shard=2)
+    assert len(m2["shards"]) == 2 < len(m["shards"]) == 3
+    assert sorted(p for p in os.listdir(out) if ".tar" in p) == ["seq-00000.tar", "seq-00001.tar"]
+    assert [bl["sha256"] for sh in m2["shards"] for bl in sh["blocks"]] == \
+        [bl["sha256"] for sh in m["shards"] for bl in sh["blocks"]]  # same blocks, other shards
+    t0 = _mtimes(out)
+    _make(out, num_users=400, blocks_per_shard=2, force=True)
+    assert all(_mtimes(out)[p] != t0[p] for p in t0)
 
 
 # --------------------------------------------------------------------------- statistics
@@ -204,17 +211,19 @@ def _hr_oracle_vs_pop(cfg, k=10):
     return hr_oracle, hr_pop
 
 
-def test_interest_oracle_beats_popularity_on_generated_test_split(small):
-    """The same check on the shards: test split read back, counts from item_counts.npy."""
+def test_interest_oracle_beats_popularity_on_the_test_split(small):
+    """The same check on the shards: the test split read back through SequenceDataset (two ranks),
+    counts from item_counts.npy."""
     out, m = small
     cfg = _cfg()
     cluster = Catalog.from_config(cfg).item_cluster()
-    counts = np.load(os.path.join(out, "item_counts.npy"))
+    counts = np.load(os.path.join(out, m["train_item_counts_file"]))
     order = np.argsort(-counts, kind="stable")
     order = order[order > 0]
     top_in = {c: set(order[cluster[order] == c][:10].tolist()) for c in range(cfg.num_interests)}
     pop = set(order[:10].tolist())
-    rows = _read(out, "test")
+    rows = _read(out, "test", rank=0, world_size=2) + _read(out, "test", rank=1, world_size=2)
+    assert sorted(u for u, _, _ in rows) == list(range(SMALL["num_users"]))
     hr_pop = np.mean([t in pop for _, t, _ in rows])
     hr_oracle = np.mean([t in top_in[cluster[h[-1]]] for _, t, h in rows])
     assert hr_oracle > 2 * hr_pop and hr_oracle - hr_pop > 0.2, (hr_oracle, hr_pop)
@@ -276,14 +285,13 @@ def test_chunks_are_bounded():
 
 
 def test_peak_memory_does_not_grow_with_users(tmp_path):
-    """Peak traced (Python + numpy) memory of a whole run with 4x the users stays within 60 kB (measured
-    difference ~7 kB): anything retained per user beyond ~10 bytes (6000 extra users) would exceed it.
-    A warm-up run first, so one-off import / cache allocations are not counted."""
+    """Peak traced (Python + numpy) memory of a whole run with 4x the users stays within 60 kB:
+    anything retained per user beyond ~10 bytes (6000 extra users) would exceed it. A warm-up run
+    first, so one-off import / cache allocations are not counted."""
     def peak(users):
         tracemalloc.start()
         synth_shards(str(tmp_path / f"u{users}"), num_items=20000, num_users=users, num_interests=50,
-                     min_seq_len=3, max_seq_len=4, max_len=4, samples_per_shard=1000, chunk_users=500,
-                     progress=False)
+                     min_seq_len=3, max_seq_len=4, records_per_block=1000, chunk_users=500, progress=False)
         p = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
         return p
@@ -296,21 +304,21 @@ def test_peak_memory_does_not_grow_with_users(tmp_path):
 # --------------------------------------------------------------------------- CLI
 
 
-def test_cli_synth_and_verify(tmp_path):
+def test_cli_synth(tmp_path, capsys):
+    """``python -m shards synth`` (its ``main``, in-process: a subprocess costs seconds of imports)."""
+    try:
+        from shards.__main__ import main  # being rewritten elsewhere
+    except ImportError as e:
+        pytest.skip(f"python -m shards not importable: {e}")
     out = str(tmp_path / "cli")
-    env = {**os.environ, "PYTHONPATH": ROOT}
-    cmd = [sys.executable, "-m", "shards", "synth", "--out", out, "--num-items", "2_000", "--num-users", "150",
-           "--min-seq-len", "4", "--max-seq-len", "12", "--max-len", "5", "--num-interests", "20",
-           "--zipf-alpha", "1.2", "--drift", "0.2", "--samples-per-shard", "300", "--seed", "7", "--no-progress"]
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    assert "150 users, 2000 items" in r.stdout
+    args = ["synth", "--out", out, "--num-items", "2000", "--num-users", "150", "--min-seq-len", "4",
+            "--max-seq-len", "12", "--num-interests", "20", "--zipf-alpha", "1.2", "--drift", "0.2",
+            "--records-per-block", "40", "--seed", "7", "--no-progress"]
+    assert main(args) == 0
     m = load_manifest(out)
     assert m["build"]["synthetic"]["zipf_alpha"] == 1.2 and m["build"]["synthetic"]["seed"] == 7
-    assert m["splits"]["test"]["num_samples"] == 150 and m["max_len"] == 5
-    r = subprocess.run([sys.executable, "-m", "shards", "verify", out], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=300)
-    assert r.returncode == 0 and "ok:" in r.stdout, r.stderr
-    bad = subprocess.run(cmd[:-1] + ["--min-seq-len", "2"], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert bad.returncode == 1 and "min_seq_len must be >= 3" in bad.stderr
+    assert m["num_samples"]["test"] == 150 and m["num_records"] == 150
+    assert sum(len(sh["blocks"]) for sh in m["shards"]) == 4
+    assert "150 records, 2,000 items" in capsys.readouterr().out
+    assert main(args + ["--min-seq-len", "2"]) == 1
+    assert "min_seq_len must be >= 3" in capsys.readouterr().err

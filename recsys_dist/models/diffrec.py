@@ -139,6 +139,7 @@ class DiffRecConfig:
     w_max: float = 1.0
     # L-DiffRec (Autoencoder.py, main.py)
     n_cate: int = 3  # clusters
+    item_emb: str | None = None  # L-DiffRec clustering input: (num_items, d) .npy, row = raw item id (data dir relative)
     ae_dims: tuple[int, ...] = (300,)  # encoder widths from the input side, last = latent (official --in_dims reversed)
     ae_shared_decoder: bool = True  # official --out_dims [] : one Linear(latent, N)
     ae_act: str = "tanh"  # --act_func

@@ -43,7 +43,7 @@ from recsys_dist.train.step import NonFiniteLossError
 
 log = logging.getLogger("recsys_dist.train")
 
-SETS_DATASETS = ("ml-1m_clean", "ml-1m_noisy")
+SET_PROTOCOLS = ("given", "temporal")  # data whose records carry per-user train / valid / test sets
 
 
 def check_diffrec_config(cfg: DiffRecConfig) -> DiffRecConfig:
@@ -232,11 +232,9 @@ def evaluate_split(model: DiffRecDense | LDiffRecDense, wide: WideLayers, cfg: J
                    ) -> dict[str, float]:
     """Exact multi-target metrics of ``split`` ("valid" | "test") over every user (collective).
     ``popularity`` (num_rows,) train counts: rank by them instead (the popularity baseline)."""
-    from shards.sets import SetReader
-
     rank, world = wide.table.rank, wide.table.world_size
     dcfg = check_diffrec_config(cfg.diffrec)
-    reader = SetReader(url, rank, world, batch_users=cfg.eval.batch_size)
+    reader = user_batches(url, rank, world, cfg.eval.batch_size)
     lo, hi = wide.table.score_block()
     if popularity is None:
         block = wide.table.rows(lo, hi)[:, wide.layout.in_width:wide.layout.used]  # [W_out | b_out] rows (row 0: zeros)
@@ -267,38 +265,52 @@ def evaluate_split(model: DiffRecDense | LDiffRecDense, wide: WideLayers, cfg: J
 
 def train_item_counts(url: str, num_rows: int, rank: int, world: int) -> torch.Tensor:
     """(num_rows,) float64 train interaction counts per table row (collective)."""
-    from shards.sets import SetReader
-
     counts = torch.zeros(num_rows, dtype=torch.float64)
-    for b in SetReader(url, rank, world, batch_users=4096):
+    for b in user_batches(url, rank, world, 4096):
         counts.index_add_(0, b["train"][1].long(), torch.ones(b["train"][1].numel(), dtype=torch.float64))
     if world > 1:
         dist.all_reduce(counts)
     return counts
 
 
-def ensure_sets_shards(cfg: JobConfig, rank: int) -> tuple[str, dict]:
-    """Rank 0 builds the sets shards if missing (idempotent), the others wait; the manifest."""
-    from shards.sets import build_sets_shards, load_sets_manifest
+def user_batches(url: str, rank: int, world: int, batch_users: int, **kw: Any):
+    """This rank's batches of whole users ({"user", "train"/"valid"/"test": (offsets, items)})."""
+    from shards.dataset import SequenceDataset
 
-    if cfg.data.dataset not in SETS_DATASETS:
-        raise ValueError(f"model.name=diffrec needs a sets dataset ({' | '.join(SETS_DATASETS)}), "
-                         f"got data.dataset={cfg.data.dataset}")
-    url = cfg.data.shards_url or str(REPO_ROOT / "shards_out" / f"{cfg.data.dataset}-sets")
-    error = None
-    if rank == 0 and cfg.data.build_if_missing:
-        try:
-            build_sets_shards(cfg.data.dataset, url, data_dir=cfg.data.data_dir or default_data_dir())
-        except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
-            error = exc
-    failed = torch.tensor([0 if error is None else 1], device=collective_device())
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
-    if error is not None:
-        raise error
-    if failed.item():
-        raise RuntimeError(f"rank 0 failed to build the sets shards at {url} (see its log)")
-    return url, load_sets_manifest(url)
+    return SequenceDataset(url, "records", batch_users, rank, world, **kw)
+
+
+def ensure_sets_shards(cfg: JobConfig, rank: int) -> tuple[str, dict]:
+    """The job's shards (built by rank 0 when missing, like every job's: loop.ensure_shards)
+    and their manifest, checked to hold per-user sets."""
+    from recsys_dist.train.loop import ensure_shards
+
+    manifest = ensure_shards(cfg, rank)
+    if manifest["protocol"] not in SET_PROTOCOLS:
+        raise ValueError(f"model.name=diffrec needs per-user train / valid / test sets (data.source.protocol "
+                         f"{' | '.join(SET_PROTOCOLS)}, e.g. base: [datasets/ml1m-diffrec_clean.yaml]); "
+                         f"data.dataset={cfg.data.dataset} is {manifest['protocol']!r}")
+    return cfg.data.resolved_shards_url(), manifest
+
+
+def load_item_emb(cfg: JobConfig, num_items: int):
+    """``diffrec.item_emb`` (resolved against the data dir) as float32 (num_items, d)."""
+    import io
+    import os
+
+    import fsspec
+    import numpy as np
+
+    path = cfg.diffrec.item_emb
+    if path is None:
+        raise ValueError("L-DiffRec with diffrec.n_cate > 1 clusters items by their embeddings: set diffrec.item_emb")
+    if "://" not in path and not os.path.isabs(path):
+        path = os.path.join(cfg.data.data_dir or default_data_dir(), path)
+    with fsspec.open(path, "rb") as f:
+        emb = np.load(io.BytesIO(f.read()), allow_pickle=False)
+    if emb.ndim != 2 or emb.shape[0] != num_items:
+        raise ValueError(f"{path}: shape {emb.shape}, expected ({num_items}, d): one row per item")
+    return emb.astype(np.float32)
 
 
 def item_clusters(cfg: DiffRecConfig, num_items: int, item_emb=None, seed: int = 0) -> torch.Tensor:
@@ -358,7 +370,6 @@ def fit(cfg: JobConfig) -> dict[str, Any]:
     minutes; the selected state is kept in memory."""
     from tqdm import tqdm
 
-    from shards.sets import SetReader
     from recsys_dist.train.loop import Snapshot
 
     device = pick_device(cfg.train.device)
@@ -372,15 +383,17 @@ def fit(cfg: JobConfig) -> dict[str, Any]:
     num_items = int(manifest["num_items"])
     clusters = None
     if dcfg.latent:
-        from shards.sets import load_sets_item_emb
-        emb = load_sets_item_emb(url)[1:] if dcfg.n_cate > 1 else None  # row 0 is the padding id's
+        emb = load_item_emb(cfg, num_items) if dcfg.n_cate > 1 else None
         clusters = item_clusters(dcfg, num_items, emb, cfg.train.seed)
         log.info("L-DiffRec: %d item clusters of sizes %s", dcfg.n_cate,
                  torch.bincount(clusters, minlength=dcfg.n_cate).tolist())
     engine, wide, cluster_block = build_parts(cfg, num_items, device, clusters)
     report = RunReport(run_dir, rank)
-    reader = SetReader(url, rank, world, batch_users=cfg.train.batch_size, shuffle=True, seed=cfg.train.seed,
-                       drop_last=True, even_batches="drop")
+    from shards.plan import RECORDS, plan_batches
+
+    reader = user_batches(url, rank, world, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed,
+                          drop_last=True, window_blocks=1,
+                          max_batches=min(plan_batches(manifest, RECORDS, cfg.train.batch_size, world, True)))
     steps_per_epoch = len(reader)
     if steps_per_epoch == 0:
         raise ValueError(f"{url}: too few users for batch {cfg.train.batch_size} x {world} ranks")

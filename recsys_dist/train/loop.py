@@ -32,24 +32,31 @@ log = logging.getLogger("recsys_dist.train")
 
 def build_job_shards(cfg: JobConfig) -> dict[str, Any]:
     """Build (or find, when already built with the same parameters) the job's shards."""
-    from shards import build_shards
+    from shards.build import build_shards
 
     if cfg.data.dataset == "synthetic":
         from shards.synthetic import synth_shards
         return synth_shards(cfg.data.resolved_shards_url(), num_items=cfg.data.synth_items,
-                            num_users=cfg.data.synth_users, max_len=cfg.data.max_len, seed=cfg.train.seed,
+                            num_users=cfg.data.synth_users, seed=cfg.train.seed,
                             train_prefixes_per_user=cfg.data.train_prefixes_per_user,
-                            samples_per_shard=cfg.data.samples_per_shard, compress=cfg.data.compress)
-    return build_shards(cfg.data.dataset, cfg.data.resolved_shards_url(),
-                        data_dir=cfg.data.data_dir or default_data_dir(), max_len=cfg.data.max_len,
+                            records_per_block=cfg.data.records_per_block, blocks_per_shard=cfg.data.blocks_per_shard,
+                            compress=cfg.data.compress)
+    from recsys_dist.config import DataConfig
+
+    if cfg.data.source == DataConfig().source and cfg.data.dataset != DataConfig().dataset:
+        raise ValueError(f"data.dataset={cfg.data.dataset!r} but data.source is the default dataset's "
+                         f"({DataConfig().dataset}): name its source (e.g. base: [datasets/<name>.yaml], "
+                         "or data.source.path=... data.source.user=...)")
+    return build_shards(cfg.data.source, cfg.data.resolved_shards_url(), dataset=cfg.data.dataset,
+                        data_dir=cfg.data.data_dir or default_data_dir(),
                         train_prefixes_per_user=cfg.data.train_prefixes_per_user,
-                        samples_per_shard=cfg.data.samples_per_shard, seed=cfg.train.seed,
-                        compress=cfg.data.compress, max_users=cfg.data.max_users)
+                        records_per_block=cfg.data.records_per_block, blocks_per_shard=cfg.data.blocks_per_shard,
+                        compress=cfg.data.compress)
 
 
 def ensure_shards(cfg: JobConfig, rank: int) -> dict[str, Any]:
     """Rank 0 builds the shards when their manifest is missing (local data), others wait."""
-    from shards import load_manifest
+    from shards.format import load_manifest
 
     error: Exception | None = None
     if rank == 0 and cfg.data.build_if_missing:
@@ -65,34 +72,31 @@ def ensure_shards(cfg: JobConfig, rank: int) -> dict[str, Any]:
     if failed.item():
         raise RuntimeError(f"rank 0 failed to build the shards at {cfg.data.resolved_shards_url()} (see its log)")
     manifest = load_manifest(cfg.data.resolved_shards_url())
-    if cfg.eval.mask_history and not manifest.get("seen_sets"):
-        raise ValueError(f"eval.mask_history=true needs shards that store each user's whole seen set; those at "
-                         f"{cfg.data.resolved_shards_url()} do not (built before shards builder v2, or synthetic): "
-                         "rebuild them (python -m launcher prepare) or set eval.mask_history=false")
+    if cfg.data.train_prefixes_per_user != manifest["train_prefixes_per_user"]:
+        raise ValueError(f"data.train_prefixes_per_user={cfg.data.train_prefixes_per_user} but the shards at "
+                         f"{cfg.data.resolved_shards_url()} were built with {manifest['train_prefixes_per_user']}: "
+                         "rebuild them (python -m launcher prepare) or set data.shards_url")
     return manifest
 
 
 def make_loader(cfg: JobConfig, manifest: dict, split: str, rank: int, world: int, train: bool,
-            batch_size: int, epoch: int = 0, start_batch: int = 0):
+                batch_size: int, epoch: int = 0, start_batch: int = 0):
     """DataLoader over one split for this rank, and (train) the equal per-rank batch count.
 
     ``start_batch``: resume mid-epoch -- the stream starts at this rank's batch ``start_batch``
     of ``epoch``, exactly as the uninterrupted stream continues from there."""
-    from shards import ShardReader, plan_batches
+    from shards.dataset import SequenceDataset
+    from shards.plan import steps_per_epoch
 
-    url = cfg.data.resolved_shards_url()
     max_batches = None
     if train:
-        counts = plan_batches(manifest, split, batch_size, world, max(cfg.data.num_workers, 1), drop_last=True,
-                              assignment=cfg.data.assignment)
-        max_batches = min(counts)
+        max_batches = steps_per_epoch(manifest, batch_size, world)
         if max_batches == 0:
             raise ValueError(f"split '{split}' has too few samples for batch {batch_size} x {world} ranks")
-    reader = ShardReader(url, split, batch_size=batch_size, rank=rank, world_size=world,
-                         max_len=cfg.data.max_len, num_items=manifest["num_items"], shuffle=train,
-                         seed=cfg.train.seed, epoch=epoch, drop_last=train, max_batches=max_batches,
-                         assignment=cfg.data.assignment if train else "round_robin",
-                         start_batch=start_batch)
+    reader = SequenceDataset(cfg.data.resolved_shards_url(), split, batch_size, rank, world, max_len=cfg.data.max_len,
+                             shuffle=train, seed=cfg.train.seed, epoch=epoch, drop_last=train,
+                             max_batches=max_batches, start_batch=start_batch, window_blocks=cfg.data.window_blocks,
+                             manifest=manifest)
     # its own generator: creating an iterator must not draw from the global torch RNG (dropout
     # masks), or a resumed run (a fresh iterator mid-epoch) would drift from an uninterrupted one
     loader = DataLoader(reader, batch_size=None, num_workers=cfg.data.num_workers, persistent_workers=False,
@@ -102,13 +106,12 @@ def make_loader(cfg: JobConfig, manifest: dict, split: str, rank: int, world: in
 
 def train_steps_per_epoch(cfg: JobConfig, manifest: dict, world: int) -> int:
     """Optimizer steps in one epoch of the train split: the equal per-rank batch count."""
-    from shards import plan_batches
+    from shards.plan import steps_per_epoch
 
-    counts = plan_batches(manifest, "train", cfg.train.batch_size, world, max(cfg.data.num_workers, 1),
-                          drop_last=True, assignment=cfg.data.assignment)
-    if min(counts) == 0:
+    n = steps_per_epoch(manifest, cfg.train.batch_size, world)
+    if n == 0:
         raise ValueError(f"split 'train' has too few samples for batch {cfg.train.batch_size} x {world} ranks")
-    return min(counts)
+    return n
 
 
 def run_length(cfg: JobConfig, steps_per_epoch: int) -> tuple[int, int]:
@@ -136,7 +139,7 @@ def _subset(batches, max_users: int | None, manifest: dict | None = None, split:
     """Keep a fixed, seeded random subset of ``max_users`` users (all users when None)."""
     order = None
     if max_users is not None:
-        ids = max(int(manifest.get("num_users", 0)), int(manifest["splits"][split]["num_samples"])) if manifest else 0
+        ids = int(manifest["num_records"]) if manifest else 0
         order = user_subset_rank(ids, seed) if ids else None
     for b in batches:
         if max_users is not None:
@@ -388,7 +391,7 @@ def load_item_counts(cfg: JobConfig, manifest: dict, key: str = "train_item_coun
 
     import fsspec
     import numpy as np
-    from shards.reader import resolve_manifest_url, shard_url
+    from shards.format import resolve_manifest_url, shard_url
 
     if key not in manifest:
         log.warning("manifest has no %s; using train_item_counts_file (occurrences, not targets)", key)
