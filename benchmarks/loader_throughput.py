@@ -332,7 +332,7 @@ def main() -> None:
     lines = [f"Machine: {info['cpu']} ({', '.join(info['cpu_flags'])}), {info['cores']} cores, "
              f"{info['mem_gib']} GiB, torch {info['torch']}, Python {info['python']}, {info['date']}; "
              f"load average at start {info['loadavg_at_start'][0]:.2f}.",
-             f"Data: {data_desc}. Batch {BATCH}, shuffle on (buffer 2000), {args.batches} timed batches after "
+             f"Data: {data_desc}. Batch {BATCH}, shuffle on (windows of 8 blocks), {args.batches} timed batches after "
              f"{args.warmup_batches} warm-up batches. S3: moto ThreadedMotoServer on 127.0.0.1 "
              f"({'separate process' if args.s3_server == 'process' else 'thread of the reading process'}, "
              "same 2 cores), read through s3fs.",
