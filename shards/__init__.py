@@ -7,7 +7,7 @@
   (:mod:`shards.format`); :mod:`shards.synthetic`: generated catalogs of any size;
 * :mod:`shards.dataset`: ``SequenceDataset`` = the plan (:mod:`shards.plan`) + the
   verified stream (:mod:`shards.stream`, ``tarfile`` over :mod:`shards.storage`) + the
-  samples (:mod:`shards.samples`); :mod:`shards.sets`: DiffRec's per-user sets.
+  samples (:mod:`shards.samples`); DiffRec's per-user sets are its ``split="records"``.
 """
 
 from .build import build_shards, summarize, write_shards

@@ -301,13 +301,21 @@ def build_shards(source: Any, out: str, *, dataset: str, data_dir: Optional[str]
 
     files = source_files(source, data_dir)
     missing = [f for f in files if not fsspec.core.url_to_fs(f)[0].exists(fsspec.core.url_to_fs(f)[1])]
-    if missing:
+    layout = {"format": FORMAT, "builder_version": BUILDER_VERSION, "dataset": dataset, "source": asdict(source),
+              "train_prefixes_per_user": train_prefixes_per_user, "records_per_block": int(records_per_block),
+              "blocks_per_shard": int(blocks_per_shard), "compress": bool(compress)}
+    if missing:  # prebuilt shards on a node without the raw data: fine if built with these parameters
+        fs, root = fsspec.core.url_to_fs(str(out))
+        m = _read_manifest(fs, posixpath.join(root, MANIFEST_NAME))
+        same = m and {k: v for k, v in m.get("build", {}).items() if k != "source_files"} == json.loads(json.dumps(layout))
+        if same and _complete(fs, root, m):
+            log.info("%s: raw data absent (%s); using the shards built with the same parameters", dataset, missing[0])
+            return m
         raise FileNotFoundError(f"dataset {dataset!r}: source file(s) not found: {', '.join(missing)} "
                                 "(set $RECSYS_DATA_DIR or data.data_dir, or fix data.source)")
-    build = {"format": FORMAT, "builder_version": BUILDER_VERSION, "dataset": dataset,
-             "source": asdict(source), "source_files": {os.path.basename(f): _file_digest(f) for f in files},
-             "train_prefixes_per_user": train_prefixes_per_user, "records_per_block": int(records_per_block),
-             "blocks_per_shard": int(blocks_per_shard), "compress": bool(compress)}
+    # digests in source_files order (the split files, then the statis file): location-independent,
+    # and two split files of one base name cannot overwrite each other's entry
+    build = {**layout, "source_files": [_file_digest(f) for f in files]}
     build = json.loads(json.dumps(build))  # as the manifest stores it (tuples -> lists), so it compares equal
     done = up_to_date(out, build, force)
     if done is not None:

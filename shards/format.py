@@ -276,8 +276,6 @@ def check_manifest(m: Any, url: str) -> Dict[str, Any]:
             c.add(t, f"expected an object with keys {list(SEGMENTS)}, got {type(d).__name__}")
             d = {}
         totals[t] = {s: c.int_(d, s, t) for s in SEGMENTS}
-    for f in (ITEM_COUNTS_NAME, TARGET_COUNTS_NAME, ID_MAP_NAME):
-        pass
     shards = m.get("shards")
     if not isinstance(shards, list):
         c.add("shards", f"expected a list, got {type(shards).__name__}")

@@ -8,8 +8,9 @@ cut into ``world_size`` contiguous ranges of equal size (the first ``N % world_s
 one sample more): rank ``r`` reads samples ``[r*N//W + min(r, N%W), ...)``. So ranks differ by
 at most one sample in every split, whatever the block sizes (a split living in a few blocks,
 like a session dataset's valid sessions, is still balanced), every sample belongs to exactly
-one rank, and a rank opens only its ~1/W of the blocks (at most two of them shared with a
-neighbour). A plan entry ``(block, lo, hi)`` keeps the block's canonical samples
+one rank, and a rank uses only its ~1/W of the blocks (at most two of them shared with a
+neighbour; the shards holding them are read whole, so at a boundary up to
+``blocks_per_shard - 1`` other blocks are read and verified too). A plan entry ``(block, lo, hi)`` keeps the block's canonical samples
 ``lo <= k < hi``.
 
 Order (``shuffle``, training). The rank's shards (its blocks of each) are permuted per epoch
@@ -127,6 +128,8 @@ def position_identity(manifest: Mapping[str, Any], split: str, rank: int, world_
     """What a saved data position is valid for: an exact resume needs all of it unchanged."""
     blocks = [(b["key"], b["sha256"]) for _, _, b in block_entries(manifest)]
     return {"format": FORMAT, "split": split if split == RECORDS else segment(split),
+            "train_prefixes_per_user": manifest["train_prefixes_per_user"],
+            "min_history_len": manifest["min_history_len"],
             "blocks_digest": hashlib.sha256(json.dumps(blocks).encode("utf-8")).hexdigest()[:16],
             "rank": int(rank), "world_size": int(world_size), "batch_size": int(batch_size),
             "drop_last": bool(drop_last), "max_batches": max_batches,

@@ -943,6 +943,9 @@ def _load_replay(cfg: SourceConfig, urls: Dict[str, str], data_dir: str) -> Reco
     for seg, s in enumerate(SEGMENTS):
         seq, count, target = read_replay(urls[s], int(item_num), seq_size)  # type: ignore[arg-type]
         off, it, pre, st = _replay_sessions(seq, count, target)
+        if st["orphan_session_starts"]:
+            raise ValueError(f"{urls[s]}: {st['orphan_session_starts']} session(s) start with a non-empty history "
+                             "(rows cut from an earlier session): their prefix belongs to no split, refused")
         lens = np.diff(off)
         b = {0: np.stack([lens, lens], 1), 1: np.stack([pre, lens], 1), 2: np.stack([pre, pre], 1)}[seg]
         offs.append(off[:-1] + base)

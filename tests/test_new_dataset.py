@@ -57,3 +57,20 @@ def test_bad_rows_are_one_line_errors_naming_file_line_and_column(tmp_path):
     assert p.returncode != 0
     last = [ln for ln in p.stderr.strip().splitlines() if ln.strip()][-1]
     assert "clicks.csv" in last and "line 3" in last and "ts" in last, p.stderr[-2000:]
+
+
+def test_prebuilt_shards_are_used_where_the_raw_data_is_absent(tmp_path):
+    """A node with the shards but not the raw file uses them when they were built with the same
+    parameters, and refuses (naming the file) when the job asks for another build."""
+    import pytest
+
+    from shards.build import build_shards
+    from shards.source import SourceConfig
+
+    (tmp_path / "c.csv").write_text("u,i,t\n" + "".join(f"{u},{i},{i}\n" for u in range(6) for i in range(5)))
+    src = SourceConfig(path="c.csv", user="u", item="i", time="t")
+    m = build_shards(src, str(tmp_path / "s"), dataset="c", data_dir=str(tmp_path))
+    (tmp_path / "c.csv").unlink()
+    assert build_shards(src, str(tmp_path / "s"), dataset="c", data_dir=str(tmp_path)) == m
+    with pytest.raises(FileNotFoundError, match="c.csv"):
+        build_shards(src, str(tmp_path / "s"), dataset="c", data_dir=str(tmp_path), records_per_block=2)

@@ -218,15 +218,15 @@ def test_session_replay(tmp_path):
                                                                   num_items=9))) == 3
 
 
-def test_session_replay_orphan_start_becomes_train_prefix(tmp_path):
+def test_session_replay_orphan_start_is_refused_naming_the_file(tmp_path):
     pad = 9
     files = make_replay(tmp_path, pad)
-    # a valid session whose first row already has a history [4, 5] (earlier clicks not in the file)
+    # a valid session whose first row already has a history [4, 5] (earlier clicks not in the file):
+    # that prefix would belong to no split (as train it would leak valid items into training)
     files["valid"] = write(tmp_path / "orphan.tsv", ["seq\tlen_seq\tnext", replay_row([4, 5], 6, pad),
                                                      replay_row([4, 5, 6], 7, pad)])
-    r = load_records(SourceConfig(files=files, format="replay", protocol="session"))
-    assert seqs(r)[2] == [5, 6, 7, 8] and r.bounds[2].tolist() == [2, 4]
-    assert r.stats["splits"]["valid"]["orphan_session_starts"] == 1
+    with pytest.raises(ValueError, match=r"orphan\.tsv: 1 session\(s\) start with a non-empty history"):
+        load_records(SourceConfig(files=files, format="replay", protocol="session"))
 
 
 def test_session_from_tables(tmp_path):

@@ -369,7 +369,11 @@ class CheckpointManager:
         self._load_rng(ckpt_url, meta)
         log.info("resumed from %s (step %d, written by %d rank(s)) in %.1fs", ckpt_url, meta["step"],
                  meta["world_size"], time.perf_counter() - t0)
+        positions = meta.get("data_position")
+        mine = positions[self.rank] if isinstance(positions, list) and len(positions) == meta["world_size"] \
+            and self.rank < len(positions) else None
         return TrainState(step=meta["step"], epoch=meta["epoch"], batch_in_epoch=meta["batch_in_epoch"],
+                          data_position=mine,
                           best_step=meta["best_step"],
                           best_value=meta["best_value"] if meta["best_value"] is not None else float("-inf"),
                           losses=[tuple(x) for x in meta["losses"]], val=[tuple(x) for x in meta["val"]])

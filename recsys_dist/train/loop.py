@@ -55,7 +55,8 @@ def build_job_shards(cfg: JobConfig) -> dict[str, Any]:
 
 
 def ensure_shards(cfg: JobConfig, rank: int) -> dict[str, Any]:
-    """Rank 0 builds the shards when their manifest is missing (local data), others wait."""
+    """Rank 0 builds the shards unless a complete manifest of the same build is there (which is
+    also used when the raw data is absent), others wait; returns the manifest."""
     from shards.format import load_manifest
 
     error: Exception | None = None
@@ -207,6 +208,17 @@ def fit(cfg: JobConfig) -> dict[str, Any]:
             saved_step = state.step
             report.losses, report.val = list(state.losses), list(state.val)
 
+    if state.batch_in_epoch:  # mid-epoch resume: exact only if the saved data position is valid here
+        probe, _ = make_loader(cfg, manifest, "train", rank, world, True, cfg.train.batch_size, state.epoch,
+                               state.batch_in_epoch)
+        try:
+            if state.data_position is None:
+                raise ValueError("the checkpoint holds no data position for this rank (other world size?)")
+            probe.dataset.check_position(state.data_position)
+        except ValueError as exc:
+            log.warning("%s: epoch %d restarts at batch 0 instead of %d (its first batches are seen twice)",
+                        exc, state.epoch, state.batch_in_epoch)
+            state.batch_in_epoch = 0
     steps_per_epoch = train_steps_per_epoch(cfg, manifest, world)
     total_steps, eval_every = run_length(cfg, steps_per_epoch)
     log.info("%d steps per epoch (batch %d x %d ranks); run: %d steps (%s), validate every %s", steps_per_epoch,
