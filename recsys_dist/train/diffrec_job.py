@@ -29,8 +29,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from recsys_dist.config import JobConfig, REPO_ROOT, default_data_dir, stream_seed
-from recsys_dist.eval import MultiMetricAccumulator, collective_device, max_over_ranks, rank_target_sets
+from recsys_dist.config import JobConfig, default_data_dir, stream_seed
+from recsys_dist.eval import MultiMetricAccumulator, max_over_ranks, rank_target_sets
 from recsys_dist.models.diffrec import (DiffRecConfig, DiffRecDense, LDiffRecDense, combine_ldiffrec_loss, kl_weight_at,
                                         kmeans, temporal_weights)
 from recsys_dist.sparse import ShardedItemTable, check_sparse_config
