@@ -90,7 +90,7 @@ def _rank(rank: int, world: int, port: int, spec: dict, queue) -> None:
         import torch
         import torch.distributed as dist
         torch.set_num_threads(spec["threads"])
-        from recsys_dist.eval.partition import row_partition
+        from recsys_dist.distributed import row_partition
         from recsys_dist.eval.ranking import DEFAULT_SCORE_CACHE_BYTES, rank_targets
 
         dist.init_process_group("gloo")

@@ -111,7 +111,7 @@ def table_step(items: int, dim: int, batch: int, length: int) -> dict:
     import torch
     from recsys_dist.config import SparseConfig
     from recsys_dist.sparse import ShardedItemTable
-    from recsys_dist.train.distributed import init_distributed
+    from recsys_dist.distributed import init_distributed
 
     dev = torch.device("cuda", 0)
     torch.cuda.set_device(dev)

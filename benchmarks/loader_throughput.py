@@ -154,7 +154,7 @@ def time_loader(url: str, workers: int, warmup: int, batches: int) -> dict:
 def make_trainer(name: str, manifest: dict, device):
     from recsys_dist.config import load_config
     from recsys_dist.models import build_model
-    from recsys_dist.train.distributed import seed_everything
+    from recsys_dist.distributed import seed_everything
     from recsys_dist.train.engine import build_engine
     cfg = load_config(f"configs/models/{name}.yaml", [f"train.batch_size={BATCH}",
                                                       f"data.max_len={MAX_LEN}"])
@@ -283,7 +283,7 @@ def main() -> None:
         # ---- trainer on 1 rank -----------------------------------------------------------
         from recsys_dist.sparse import ShardedItemTable
         from recsys_dist.config import SparseConfig
-        from recsys_dist.train.distributed import init_distributed
+        from recsys_dist.distributed import init_distributed
         torch.set_num_threads(args.trainer_threads)
         device = torch.device("cpu")
         init_distributed(device)

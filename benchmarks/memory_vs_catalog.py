@@ -73,7 +73,7 @@ def _rank(rank: int, world: int, port: int, num_rows: int, dim: int, lookups: in
         torch.set_num_threads(1)
         from recsys_dist.config import SparseConfig
         from recsys_dist.sparse import ShardedItemTable
-        from recsys_dist.train.distributed import init_distributed
+        from recsys_dist.distributed import init_distributed
 
         init_distributed(torch.device("cpu"))
         gc.collect()

@@ -58,7 +58,7 @@ def main() -> None:
     from recsys_dist.config import load_config
     from recsys_dist.models import build_model
     from recsys_dist.sparse import ShardedItemTable
-    from recsys_dist.train.distributed import init_distributed, pick_device, seed_everything
+    from recsys_dist.distributed import init_distributed, pick_device, seed_everything
     from recsys_dist.train.engine import build_engine
     from recsys_dist.train.loop import make_loader, ensure_shards
     from recsys_dist.train.report import setup_logging

@@ -149,7 +149,7 @@ def _reference(model, table0: torch.Tensor, hist: torch.Tensor, target: torch.Te
 def _train(model_name: str):
     from recsys_dist.config import JobConfig
     from recsys_dist.sparse import ShardedItemTable
-    from recsys_dist.train.distributed import init_distributed, seed_everything
+    from recsys_dist.distributed import init_distributed, seed_everything
     from recsys_dist.train.engine import build_engine
     from recsys_dist.train.step import train_step
 

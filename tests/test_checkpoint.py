@@ -22,7 +22,7 @@ def _setup(overrides=()):
     from recsys_dist.config import JobConfig, load_config  # noqa: F401
     from recsys_dist.models import build_model
     from recsys_dist.sparse import ShardedItemTable
-    from recsys_dist.train.distributed import init_distributed, seed_everything
+    from recsys_dist.distributed import init_distributed, seed_everything
     from recsys_dist.train.engine import build_engine
 
     device = torch.device("cpu")
@@ -204,7 +204,7 @@ def test_interrupted_save_is_ignored(saved, tmp_path):
 
 def _hang(timeout_s):
     import torch.distributed as dist
-    from recsys_dist.train.distributed import init_distributed
+    from recsys_dist.distributed import init_distributed
 
     rank, _ = init_distributed(torch.device("cpu"), timeout_s)
     if rank == 1:

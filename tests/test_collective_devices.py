@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from recsys_dist.train.distributed import backend_device_types, process_group_backend
+from recsys_dist.distributed import backend_device_types, process_group_backend
 
 
 def test_gpu_group_serves_cpu_and_cuda_tensors() -> None:
@@ -25,7 +25,7 @@ def test_collective_device_of_a_device_keyed_group() -> None:
     """collective_device() must read a device-keyed backend string as serving CPU."""
     import torch.distributed as dist
 
-    from recsys_dist.eval import collective_device
+    from recsys_dist.distributed import collective_device
 
     store = dist.HashStore()
     dist.init_process_group("cpu:gloo", store=store, rank=0, world_size=1)

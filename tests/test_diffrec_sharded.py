@@ -64,7 +64,7 @@ def _sharded(sharding: str, optimizer: str, variant: str = "diffrec", norm: bool
     from recsys_dist.config import JobConfig
     import recsys_dist.sparse.wide as wide_mod
     from recsys_dist.train.diffrec_job import build_parts, score_queries, train_step
-    from recsys_dist.train.distributed import init_distributed, seed_everything
+    from recsys_dist.distributed import init_distributed, seed_everything
 
     wide_mod.NOISE_CHUNK = CHUNK  # noise chunks straddle the shard boundary (rows 19 | 20 of 38)
     device = torch.device("cpu")
@@ -214,7 +214,7 @@ def _sharded_latent(sharding: str, optimizer: str):
     from recsys_dist.config import JobConfig
     import recsys_dist.sparse.wide as wide_mod
     from recsys_dist.train.diffrec_job import build_parts, ldiffrec_train_step, score_queries
-    from recsys_dist.train.distributed import init_distributed, seed_everything
+    from recsys_dist.distributed import init_distributed, seed_everything
 
     wide_mod.NOISE_CHUNK = CHUNK
     device = torch.device("cpu")

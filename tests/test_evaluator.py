@@ -42,13 +42,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from recsys_dist.distributed import max_over_ranks, row_partition
 from recsys_dist.eval import (
     TIE_RULES,
     MetricAccumulator,
-    max_over_ranks,
     popularity_block,
     rank_targets,
-    row_partition,
 )
 
 NUM_ROWS = 1003  # not divisible by 2 or 3

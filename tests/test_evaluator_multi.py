@@ -33,14 +33,13 @@ import torch
 import torch.distributed as dist
 from test_evaluator import spawn
 
+from recsys_dist.distributed import max_over_ranks, row_partition
 from recsys_dist.eval import (
     TIE_RULES,
     MultiMetricAccumulator,
-    max_over_ranks,
     per_user_multi_metrics,
     rank_target_sets,
     rank_targets,
-    row_partition,
 )
 
 NUM_ROWS = 203  # not divisible by 2 or 3

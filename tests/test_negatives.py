@@ -166,7 +166,7 @@ def _sampled_run(steps, in_batch=True, kind="popularity"):
     from recsys_dist.config import JobConfig
     from recsys_dist.models import build_model
     from recsys_dist.sparse import ShardedItemTable
-    from recsys_dist.train.distributed import init_distributed, seed_everything
+    from recsys_dist.distributed import init_distributed, seed_everything
     from recsys_dist.train.engine import build_engine
     from recsys_dist.train.step import train_step
 

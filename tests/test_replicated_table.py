@@ -60,7 +60,7 @@ def _setup(name, world):
     from recsys_dist.config import JobConfig
     from recsys_dist.models import build_model
     from recsys_dist.sparse import ShardedItemTable
-    from recsys_dist.train.distributed import seed_everything
+    from recsys_dist.distributed import seed_everything
     from recsys_dist.train.engine import build_engine
 
     sharding, optimizer, lr, wd, dense_opt, dense_lr = CONFIGS[name]
@@ -94,8 +94,8 @@ def _adam_state(table):
 
 
 def _train(names):
-    from recsys_dist.sparse import row_block
-    from recsys_dist.train.distributed import init_distributed
+    from recsys_dist.distributed import row_range
+    from recsys_dist.distributed import init_distributed
 
     rank, world = init_distributed(torch.device("cpu"))
     out = {}
@@ -116,7 +116,7 @@ def _train(names):
             shards = table.local_shards()
             res["shards"] = [(r, c, tuple(t.shape)) for r, c, t in shards]
             lo, hi = table.score_block()
-            res["block_ok"] = (lo, hi) == row_block(ROWS, world, rank) and \
+            res["block_ok"] = (lo, hi) == row_range(ROWS, world, rank) and \
                 bool(torch.equal(table.rows(lo, hi), res["final"][lo:hi]))
             res["lookup_ok"] = bool(torch.equal(table.lookup([torch.arange(ROWS)])[0].detach(), res["final"]))
         out[name] = res
@@ -202,7 +202,7 @@ def _snapshot(table, engine):
 
 def _ckpt_run(url, phase):
     from recsys_dist.train.checkpoint import CheckpointManager, TrainState
-    from recsys_dist.train.distributed import init_distributed
+    from recsys_dist.distributed import init_distributed
 
     rank, world = init_distributed(torch.device("cpu"))
     cfg, table, engine = _setup("dp-adamw", world)
@@ -306,7 +306,7 @@ def test_eager_adamw_state_equals_torch_lazy_init():
 def _forgotten_step():
     from recsys_dist.config import SparseConfig
     from recsys_dist.sparse import ShardedItemTable
-    from recsys_dist.train.distributed import init_distributed
+    from recsys_dist.distributed import init_distributed
 
     init_distributed(torch.device("cpu"))
     table = ShardedItemTable.create(ROWS, DIM, SparseConfig(sharding="data_parallel", optimizer="adamw"),

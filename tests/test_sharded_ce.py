@@ -19,8 +19,8 @@ def _data():
 
 
 def _worker():
-    from recsys_dist.sparse import row_block
-    from recsys_dist.train.distributed import init_distributed
+    from recsys_dist.distributed import row_range
+    from recsys_dist.distributed import init_distributed
     from recsys_dist.train.losses import sharded_softmax_ce
 
     rank, world = init_distributed(torch.device("cpu"))
@@ -28,7 +28,7 @@ def _worker():
     b = 2 * B // world
     q = queries[rank * b:(rank + 1) * b].clone().requires_grad_()
     t = targets[rank * b:(rank + 1) * b]
-    lo, hi = row_block(N_ROWS, world, rank)
+    lo, hi = row_range(N_ROWS, world, rank)
     lo = max(lo, 1)
     table = table.clone().requires_grad_()
     block = table[lo:hi]

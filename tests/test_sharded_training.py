@@ -28,7 +28,7 @@ def _train(model_name: str, sharding: str, steps: int, optimizer: str = "adam"):
     from recsys_dist.config import JobConfig
     from recsys_dist.models import build_model
     from recsys_dist.sparse import ShardedItemTable
-    from recsys_dist.train.distributed import init_distributed, seed_everything
+    from recsys_dist.distributed import init_distributed, seed_everything
     from recsys_dist.train.engine import build_engine
     from recsys_dist.train.step import train_step
 

@@ -1,6 +1,6 @@
 """Exact, distributed full-catalog evaluation for sequential recommenders.
 
-* :mod:`~recsys_dist.eval.partition` - which rank owns which item rows (TorchRec row-wise
+* :mod:`~recsys_dist.distributed` - which rank owns which item rows (TorchRec row-wise
   sharding layout) and small process-group helpers (:func:`max_over_ranks`).
 * :mod:`~recsys_dist.eval.ranking` - :func:`rank_targets`, the collective that ranks every
   user's held-out target against the whole catalog (exact integer ranks, an explicit tie rule,
@@ -11,7 +11,8 @@
   (DiffRec-style: Recall / NDCG / HR / Precision / MRR @K over all unmasked items, the same
   tie rules, exact sums) and :class:`MultiMetricAccumulator`.
 
-Only ``torch`` and ``torch.distributed`` are used; item blocks are plain dense tensors.
+Only ``torch``, ``torch.distributed`` and :mod:`recsys_dist.distributed` (row partition,
+collectives) are used; item blocks are plain dense tensors.
 """
 
 from recsys_dist.eval.metrics import (
@@ -33,14 +34,6 @@ from recsys_dist.eval.multi import (
     per_user_multi_metrics,
     rank_target_sets,
 )
-from recsys_dist.eval.partition import (
-    block_size,
-    collective_device,
-    group_rank_and_size,
-    max_over_ranks,
-    owner_of,
-    row_partition,
-)
 from recsys_dist.eval.ranking import RankResult, popularity_block, rank_targets
 
 __all__ = [
@@ -50,22 +43,16 @@ __all__ = [
     "MultiRankResult",
     "check_ties",
     "RankResult",
-    "block_size",
-    "collective_device",
-    "group_rank_and_size",
-    "max_over_ranks",
     "metric_names",
     "metric_sums_from_histogram",
     "metrics_from_histogram",
     "multi_metric_names",
     "multi_metric_sums",
     "multi_metrics_from_sums",
-    "owner_of",
     "per_user_metrics",
     "per_user_multi_metrics",
     "popularity_block",
     "rank_histogram",
     "rank_target_sets",
     "rank_targets",
-    "row_partition",
 ]

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-from recsys_dist.eval.partition import collective_device, group_rank_and_size
+from recsys_dist.distributed import collective_device, rank_and_world
 
 if TYPE_CHECKING:  # pragma: no cover - import for annotations only
     from recsys_dist.eval.ranking import RankResult
@@ -306,7 +306,7 @@ class MetricAccumulator:
         """
         packed = torch.cat([self.hist, torch.tensor([self.num_users], dtype=torch.long)])
         tied = self.tied
-        _, world = group_rank_and_size(group)
+        _, world = rank_and_world(group)
         if world > 1:
             packed = packed.to(collective_device(group))
             dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)

@@ -99,7 +99,7 @@ import torch
 import torch.distributed as dist
 
 from recsys_dist.eval.metrics import TIE_RULES, check_ks, check_ties
-from recsys_dist.eval.partition import group_rank_and_size
+from recsys_dist.distributed import gather_rows, rank_and_world
 from recsys_dist.eval.ranking import (
     _FLOAT_DTYPES,
     _H_B,
@@ -117,7 +117,6 @@ from recsys_dist.eval.ranking import (
     _H_TOPK,
     _HEADER_LEN,
     DEFAULT_SCORE_CACHE_BYTES,
-    _all_gather_rows,
     _begin_call,
     _exchange_headers,
     _positions_mask,
@@ -500,7 +499,7 @@ class MultiMetricAccumulator:
             "ks": self.ks, "ties": self.ties, "sums": self.sums, "users": self.num_users,
             "skipped": self.num_skipped, "targets": self.num_targets,
         }
-        _, world = group_rank_and_size(group)
+        _, world = rank_and_world(group)
         parts: list[Any] = [state]
         if world > 1:
             parts = [None] * world
@@ -710,8 +709,8 @@ def rank_target_sets(
             else torch.zeros(kept, 0, dtype=torch.long, device=device)
         ids_local = torch.cat([ids_local, _pad_cols(masked, m_max)], dim=1)
     if world > 1:
-        q_all = _all_gather_rows(q_local, sizes, world, group)
-        ids_all = _all_gather_rows(ids_local, sizes, world, group)
+        q_all = gather_rows(q_local.detach(), sizes, group)
+        ids_all = gather_rows(ids_local, sizes, group)
     else:
         q_all, ids_all = q_local.contiguous(), ids_local
     t_all = ids_all[:, :t_max].contiguous()

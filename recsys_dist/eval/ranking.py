@@ -1,6 +1,6 @@
 """Exact full-catalog ranking of held-out targets against a row-wise sharded item table.
 
-Every rank holds a contiguous block of item rows (see :func:`~recsys_dist.eval.partition.
+Every rank holds a contiguous block of item rows (see :func:`~recsys_dist.distributed.
 row_partition`) and a batch of its own users. :func:`rank_targets` is collective: all ranks of
 ``group`` call it once per evaluation step, and together they rank every user's target against
 *every* catalog item (no sampling), exactly.
@@ -86,7 +86,7 @@ from recsys_dist.eval.metrics import (
     metrics_from_histogram,
     positions_summary,
 )
-from recsys_dist.eval.partition import group_rank_and_size
+from recsys_dist.distributed import gather_rows, rank_and_world, stack_over_ranks
 
 __all__ = ["RankResult", "rank_targets", "popularity_block", "DEFAULT_SCORE_CACHE_BYTES"]
 
@@ -165,7 +165,7 @@ def popularity_block(
         counts: ``(num_rows,)`` interaction counts per item (any numeric dtype); ``counts[0]``
             (padding) is ignored by the evaluator.
         lo, hi: this rank's half-open row range (from
-            :func:`~recsys_dist.eval.partition.row_partition`).
+            :func:`~recsys_dist.distributed.row_partition`).
         dtype: score dtype; counts must be exactly representable in it (``< 2**24`` for
             float32).
 
@@ -179,31 +179,6 @@ def popularity_block(
 # --------------------------------------------------------------------------------------------
 # collectives
 # --------------------------------------------------------------------------------------------
-
-
-def _all_gather_same(
-    x: torch.Tensor, world: int, group: dist.ProcessGroup | None
-) -> list[torch.Tensor]:
-    """All-gather a tensor that has the same shape on every rank."""
-    x = x.contiguous()
-    bufs = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(bufs, x, group=group)
-    return bufs
-
-
-def _all_gather_rows(
-    x: torch.Tensor, sizes: Sequence[int], world: int, group: dist.ProcessGroup | None
-) -> torch.Tensor:
-    """All-gather tensors whose first dimension is ``sizes[r]`` on rank ``r`` (others equal).
-
-    Pads every rank's tensor to ``max(sizes)`` rows, gathers, trims, and concatenates in rank
-    order: the result has ``sum(sizes)`` rows.
-    """
-    max_rows = max(sizes)
-    padded = x.new_zeros((max_rows, *x.shape[1:]))
-    padded[: x.shape[0]] = x
-    bufs = _all_gather_same(padded, world, group)
-    return torch.cat([buf[:n] for buf, n in zip(bufs, sizes)], dim=0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -374,7 +349,7 @@ def _begin_call(ks: Sequence[int], ties: str, group: dist.ProcessGroup | None
     """The checks every collective ranking call starts with: ``(ks, ties, max(ks), rank, world)``."""
     ks = check_ks(ks)
     ties = check_ties(ties)
-    rank, world = group_rank_and_size(group)
+    rank, world = rank_and_world(group)
     if world > 1 and group is not None and rank < 0:
         raise ValueError("this process is not a member of `group`")
     return ks, ties, max(ks, default=0), rank, world
@@ -386,7 +361,7 @@ def _exchange_headers(header: torch.Tensor, problems: list[str], world: int, gro
     ``ValueError`` on every rank if any rank's inputs are invalid (naming the ranks and the kind
     of problem) or the ranks disagree (:func:`_check_headers`)."""
     if world > 1:
-        headers = torch.stack(_all_gather_same(header, world, group)).cpu()
+        headers = stack_over_ranks(header, group).cpu()
     else:
         headers = header.cpu().unsqueeze(0)
     bad_ranks = [r for r in range(world) if headers[r, _H_OK] == 0]
@@ -466,7 +441,7 @@ def rank_targets(
     ``num_rows``, ``ks``, ``topk``, ``mask_history``, embedding width and query dtype. A rank
     without (more) users passes ``b_r = 0`` (``queries`` of shape ``(0, d)``, ``targets`` of
     shape ``(0,)``) and still takes part; loop ``max_over_ranks(n_local_batches)`` times (see
-    :func:`~recsys_dist.eval.partition.max_over_ranks`). Without an initialised process group
+    :func:`~recsys_dist.distributed.max_over_ranks`). Without an initialised process group
     (or with a group of one rank) it runs single-process, without any communication.
 
     Args:
@@ -478,7 +453,7 @@ def rank_targets(
         item_block: ``(n_r, d)`` this rank's item rows, global ids
             ``row_offset .. row_offset + n_r - 1`` (``n_r`` may be 0). The blocks of all ranks
             must tile ``[0, num_rows)``, e.g. as given by
-            :func:`~recsys_dist.eval.partition.row_partition`.
+            :func:`~recsys_dist.distributed.row_partition`.
         row_offset: global id of ``item_block[0]``.
         num_rows: catalog size in rows, padding row 0 included.
         histories: ``(b_r, L)`` integer item ids per user to mask, ``0`` = padding; only read
@@ -580,8 +555,8 @@ def rank_targets(
     else:
         ids_local = targets[:, None]
     if world > 1:
-        q_all = _all_gather_rows(queries, sizes, world, group)
-        ids_all = _all_gather_rows(ids_local, sizes, world, group)
+        q_all = gather_rows(queries.detach(), sizes, group)
+        ids_all = gather_rows(ids_local, sizes, group)
     else:
         q_all = queries.contiguous()
         ids_all = ids_local
@@ -675,8 +650,8 @@ def rank_targets(
     topk_scores: torch.Tensor | None = None
     if topk > 0:
         if world > 1:
-            g_vals = torch.stack(_all_gather_same(run_vals, world, group))[:, own]
-            g_ids = torch.stack(_all_gather_same(run_ids, world, group))[:, own]
+            g_vals = stack_over_ranks(run_vals, group)[:, own]
+            g_ids = stack_over_ranks(run_ids, group)[:, own]
             # (world, b, k) -> (b, world * k)
             g_vals = g_vals.permute(1, 0, 2).reshape(b, world * topk)
             g_ids = g_ids.permute(1, 0, 2).reshape(b, world * topk)

@@ -48,6 +48,7 @@ from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backwa
 from torchrec.optim.keyed import KeyedOptimizerWrapper
 
 from recsys_dist.config import SparseConfig, stream_seed
+from recsys_dist.distributed import max_over_ranks, multi_rank, rank_and_world, row_range
 
 log = logging.getLogger("recsys_dist.sparse")
 
@@ -90,14 +91,6 @@ def check_sparse_config(cfg: SparseConfig) -> None:
     if weight_decay != 0.0:
         raise ValueError(f"sparse.weight_decay={weight_decay} applies only to sparse.optimizer=adamw "
                          f"(sparse.sharding=data_parallel): set sparse.weight_decay=0")
-
-
-def row_block(num_rows: int, world_size: int, rank: int) -> tuple[int, int]:
-    """[lo, hi) rows a rank scores: contiguous blocks of ceil(num_rows / W), as TorchRec's
-    row-wise sharding places them."""
-    block = -(-num_rows // world_size)
-    lo = min(rank * block, num_rows)
-    return lo, min(lo + block, num_rows)
 
 
 def _optimizer(cfg: SparseConfig) -> tuple[type, dict]:
@@ -146,7 +139,7 @@ def plan_table(module: nn.Module, cfg: SparseConfig, world_size: int, device: to
         topology=Topology(world_size=world_size, compute_device=device.type),
         constraints=constraints, batch_size=batch_size)
     sharder = EmbeddingCollectionSharder()
-    if group is not None or (dist.is_initialized() and world_size > 1):
+    if group is not None or (multi_rank() and world_size > 1):
         return planner.collective_plan(module, [sharder], group or dist.GroupMember.WORLD)
     return planner.plan(module, [sharder])
 
@@ -173,8 +166,7 @@ class ShardedItemTable:
         (tables that hold several layers' weights side by side, e.g. DiffRec's, sparse/wide.py)."""
         check_sparse_config(cfg)  # before anything is built
         set_gradient_division(True)  # average, not sum, the table gradients over ranks (see above)
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        world = dist.get_world_size() if dist.is_initialized() else 1
+        rank, world = rank_and_world()
         ec = EmbeddingCollection(
             tables=[EmbeddingConfig(name=TABLE, embedding_dim=dim, num_embeddings=num_rows,
                                     feature_names=[FEATURE])],
@@ -246,7 +238,7 @@ class ShardedItemTable:
     def score_block(self) -> tuple[int, int]:
         """[lo, hi) rows this rank scores (its own rows under row-wise sharding; the replicated
         table keeps the same blocks, each rank scoring its block from its own replica)."""
-        return row_block(self.num_rows, self.world_size, self.rank)
+        return row_range(self.num_rows, self.world_size, self.rank)
 
     # ---- lookups ---------------------------------------------------------------------
     def lookup(self, id_groups: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -290,11 +282,9 @@ class ShardedItemTable:
         """
         if self.replicated:
             return self._replica()[lo:hi].clone()
-        calls = torch.tensor([max(1, -(-(hi - lo) // chunk))])
-        if self.world_size > 1:
-            dist.all_reduce(calls, op=dist.ReduceOp.MAX)
+        calls = max_over_ranks(max(1, -(-(hi - lo) // chunk)))
         parts = []
-        for i in range(int(calls.item())):
+        for i in range(calls):
             start = lo + i * chunk
             ids = torch.arange(start, max(start, min(hi, start + chunk)))
             parts.append(self.lookup([ids])[0].detach())

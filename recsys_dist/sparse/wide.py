@@ -42,7 +42,7 @@ import torch.distributed as dist
 
 from recsys_dist.config import stream_seed
 from recsys_dist.sparse.table import ShardedItemTable
-from recsys_dist.train.losses import gather_rows, sum_over_ranks
+from recsys_dist.distributed import gather_rows, rank_and_world, stack_over_ranks, sum_over_ranks
 
 NOISE_CHUNK = 4096  # columns per noise stream: the unit of world-size independence
 
@@ -98,12 +98,6 @@ def column_noise(seed: int, purpose: str, step: int, batch: int, lo: int, hi: in
     return out
 
 
-def _group_world(group: dist.ProcessGroup | None) -> tuple[int, int]:
-    if not dist.is_initialized():
-        return 0, 1
-    return dist.get_rank(group), dist.get_world_size(group)
-
-
 class WideLayers:
     """The first and last DiffRec layers over this rank's block of the item table.
 
@@ -140,23 +134,19 @@ class WideLayers:
         """Every rank's users' items (collective): ``offsets`` (b + 1,), ``items`` (n,) 0-based
         item indices, ``values`` (n,) x_0 values (None: 1). Returns ids (B, L) (-1 = pad),
         values (B, L) and the per-rank user counts, users in rank order."""
-        rank, world = _group_world(self.group)
+        rank, world = rank_and_world(self.group)
         b = offsets.numel() - 1
         lens = offsets[1:] - offsets[:-1]
         if values is None:
             values = torch.ones(items.numel())
         width = int(lens.max()) if b else 0
         header = torch.tensor([b, width], dtype=torch.long)
-        if world > 1:
-            heads = [torch.empty_like(header) for _ in range(world)]
-            dist.all_gather(heads, header, group=self.group)
-        else:
-            heads = [header]
+        heads = stack_over_ranks(header, self.group)
         sizes = [int(h[0]) for h in heads]
         width = max(int(h[1]) for h in heads)
         ids = jagged_to_padded(offsets, items.long(), width, fill=-1)
         vals = jagged_to_padded(offsets, values.float(), width, fill=0.0)
-        return gather_plain(ids, sizes, self.group), gather_plain(vals, sizes, self.group), sizes
+        return gather_rows(ids, sizes, self.group), gather_rows(vals, sizes, self.group), sizes
 
     def dense_block(self, ids: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """(B, block_width) x_0 columns of this rank's block from padded ids / values; a
@@ -170,7 +160,7 @@ class WideLayers:
     def row_norms(self, x_block: torch.Tensor) -> torch.Tensor:
         """(B,) L2 norms of the full N-wide rows (collective; no gradient needed: x is data)."""
         sq = (x_block.detach() ** 2).sum(dim=1)  # on the block's device (CPU: gloo; CUDA: NCCL)
-        _, world = _group_world(self.group)
+        _, world = rank_and_world(self.group)
         if world > 1:
             dist.all_reduce(sq, group=self.group)
         return sq.sqrt()
@@ -183,20 +173,20 @@ class WideLayers:
     def reduce_own(self, partial: torch.Tensor, sizes: list[int]) -> torch.Tensor:
         """(B, h) per-rank partial products of every rank's users -> their sum over ranks, this
         rank's users' rows (differentiable)."""
-        rank, world = _group_world(self.group)
+        rank, world = rank_and_world(self.group)
         total = sum_over_ranks(partial, self.group) if world > 1 else partial
         start = sum(sizes[:rank])
         return total[start:start + sizes[rank]]
 
     def last(self, h_own: torch.Tensor, w_out: torch.Tensor, b_out: torch.Tensor, sizes: list[int]) -> torch.Tensor:
         """(b_own, h_out) -> (B, block) outputs of this rank's columns for every rank's users."""
-        _, world = _group_world(self.group)
+        _, world = rank_and_world(self.group)
         h_all = gather_rows(h_own, sizes, self.group) if world > 1 else h_own
         return h_all @ w_out.t().to(h_all.dtype) + b_out.to(h_all.dtype)
 
     def sum_columns(self, per_user_block_sum: torch.Tensor) -> torch.Tensor:
         """(B,) per-user sums over this rank's columns -> sums over all N columns (differentiable)."""
-        _, world = _group_world(self.group)
+        _, world = rank_and_world(self.group)
         return sum_over_ranks(per_user_block_sum, self.group) if world > 1 else per_user_block_sum
 
 
@@ -213,16 +203,3 @@ def jagged_to_padded(offsets: torch.Tensor, values: torch.Tensor, width: int | N
         col = torch.arange(values.numel()) - torch.repeat_interleave(offsets[:-1], lens)
         out[row, col] = values
     return out
-
-
-def gather_plain(x: torch.Tensor, sizes: list[int], group=None) -> torch.Tensor:
-    """Concatenate every rank's (b_r, ...) rows (no gradient), rank order; b_r may differ
-    (``sizes``: every rank's b_r). One rank: ``x`` itself."""
-    world = len(sizes)
-    if world == 1:
-        return x
-    most = max(sizes)
-    pad = torch.zeros((most - x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype)
-    parts = [torch.empty((most,) + tuple(x.shape[1:]), dtype=x.dtype) for _ in range(world)]
-    dist.all_gather(parts, torch.cat([x, pad]).contiguous(), group=group)
-    return torch.cat([p[:n] for p, n in zip(parts, sizes)])

@@ -45,10 +45,10 @@ from typing import Any, Iterator
 
 import fsspec
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from recsys_dist.config import JobConfig, stored_config_as_now, stream_seed
+from recsys_dist.distributed import any_rank, barrier, broadcast_object, gather_objects, rank_and_world
 
 log = logging.getLogger("recsys_dist.train")
 
@@ -121,34 +121,12 @@ def step_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
-def _broadcast(obj: Any) -> Any:
-    """Rank 0's ``obj`` on every rank."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def _agree(error: str | None) -> None:
     """Raise on every rank if any rank failed (so nobody waits in the next collective)."""
-    failed = torch.tensor([0 if error is None else 1])
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    failed = any_rank(error is not None)
     if error is not None:
         raise CheckpointError(error)
-    if failed.item():
+    if failed:
         raise CheckpointError("another rank failed while handling the checkpoint (see its log)")
 
 
@@ -217,7 +195,7 @@ class CheckpointManager:
         self.num_rows = num_rows
         self.keep = max(1, keep)
         self.verify_mode = verify
-        self.rank, self.world = _world()
+        self.rank, self.world = rank_and_world()
         self.fs, self.root = _fs(self.url)
 
     # ---- discovery -----------------------------------------------------------------
@@ -233,7 +211,7 @@ class CheckpointManager:
 
     def latest(self) -> str | None:
         """URL of the newest complete checkpoint (rank 0 looks, every rank gets the answer)."""
-        steps = _broadcast(self._complete_steps() if self.rank == 0 else None)
+        steps = broadcast_object(self._complete_steps() if self.rank == 0 else None)
         return _join(self.url, step_name(steps[-1])) if steps else None
 
     # ---- verification (no state touched) -------------------------------------------
@@ -283,7 +261,7 @@ class CheckpointManager:
         fs, root = _fs(ckpt)
         if self.rank == 0 and fs.exists(root):  # a leftover of a crash at this step: start clean
             fs.rm(root, recursive=True)
-        _barrier()
+        barrier()
         error = None
         try:
             dcp.save({"table": table.dmp.state_dict(), "table_optim": table.optimizer_state_dict()},
@@ -294,11 +272,8 @@ class CheckpointManager:
             error = f"rank {self.rank}: writing {ckpt} failed: {type(exc).__name__}: {exc}"
             log.error(error)
         _agree(error)
-        positions = [state.data_position]
-        if dist.is_initialized() and self.world > 1:
-            positions = [None] * self.world
-            dist.all_gather_object(positions, state.data_position)
-        _barrier()
+        positions = gather_objects(state.data_position)
+        barrier()
         if self.rank == 0:
             files = {}
             for path in sorted(fs.find(root)):
@@ -316,7 +291,7 @@ class CheckpointManager:
             fs.mv(posixpath.join(root, MARKER + ".tmp"), posixpath.join(root, MARKER))
             self._prune(state.step)
             log.info("checkpoint %s written in %.1fs", ckpt, time.perf_counter() - t0)
-        _barrier()
+        barrier()
         return ckpt
 
     def _prune(self, newest: int) -> None:
@@ -403,13 +378,13 @@ class CheckpointManager:
         from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
         tmp = tempfile.mkdtemp(prefix="recsys-dist-universal-") if self.rank == 0 else None
-        tmp = _broadcast(tmp)  # one machine in tests; multi-node needs a shared tmp (see README)
+        tmp = broadcast_object(tmp)  # one machine in tests; multi-node needs a shared tmp (see README)
         try:
             if self.rank == 0:
                 args = _UniversalArgs(input_folder=os.path.join(local, DENSE_TAG),
                                       output_folder=os.path.join(tmp, DENSE_TAG + "_universal"))
                 ds_to_universal(args)
-            _barrier()
+            barrier()
             engine._config.load_universal_checkpoint = True
             try:
                 path, _ = engine.load_checkpoint(tmp, tag=DENSE_TAG + "_universal", load_optimizer_states=True)
@@ -419,7 +394,7 @@ class CheckpointManager:
                 raise CheckpointError(f"{ckpt_url}: DeepSpeed could not load the universal dense state")
             log.info("dense ZeRO state converted with ds_to_universal and loaded on %d rank(s)", self.world)
         finally:
-            _barrier()
+            barrier()
             if self.rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
 
@@ -445,9 +420,9 @@ class CheckpointManager:
         fs, root = _fs(target)
         if self.rank == 0 and fs.exists(root):
             fs.rm(root, recursive=True)
-        _barrier()
+        barrier()
         dcp.save({"table": table.dmp.state_dict(), "dense": engine.module.state_dict()}, checkpoint_id=target)
-        _barrier()
+        barrier()
         if self.rank == 0:
             with fs.open(posixpath.join(root, BEST_MARKER), "wb") as f:
                 f.write(json.dumps({"step": step, "value": value}).encode())
@@ -455,7 +430,7 @@ class CheckpointManager:
             for entry in bfs.ls(broot, detail=False):
                 if posixpath.basename(entry.rstrip("/")) != step_name(step):
                     bfs.rm(entry, recursive=True)
-        _barrier()
+        barrier()
 
     def load_best(self, engine, table, step: int) -> None:
         target = _join(self.url, "best", step_name(step))

@@ -30,12 +30,13 @@ import torch
 import torch.distributed as dist
 
 from recsys_dist.config import JobConfig, default_data_dir, stream_seed
-from recsys_dist.eval import MultiMetricAccumulator, max_over_ranks, rank_target_sets
+from recsys_dist.eval import MultiMetricAccumulator, rank_target_sets
 from recsys_dist.models.diffrec import (DiffRecConfig, DiffRecDense, LDiffRecDense, combine_ldiffrec_loss, kl_weight_at,
                                         kmeans, temporal_weights)
 from recsys_dist.sparse import ShardedItemTable, check_sparse_config
-from recsys_dist.sparse.wide import WideLayers, WideLayout, column_noise, gather_plain, jagged_to_padded
-from recsys_dist.train.distributed import barrier, init_distributed, pick_device, seed_everything
+from recsys_dist.sparse.wide import WideLayers, WideLayout, column_noise, jagged_to_padded
+from recsys_dist.distributed import (all_reduce_mean, barrier, gather_objects, gather_rows, init_distributed, max_over_ranks, multi_rank,
+                                     pick_device, rank_and_world, seed_everything)
 from recsys_dist.train.engine import build_engine
 from recsys_dist.train.report import RunReport, setup_logging
 from recsys_dist.train.losses import sharded_logsumexp
@@ -87,7 +88,7 @@ def train_step(engine, wide: WideLayers, cfg: DiffRecConfig, offsets: torch.Tens
     """
     model: DiffRecDense = engine.module
     diffusion = model.diffusion
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank, _ = rank_and_world()
     device = wide.table.dmp.device
     ids, vals, sizes = wide.gather_users(offsets, items, user_values(offsets, cfg))
     if len(set(sizes)) > 1:  # identical decision on every rank (sizes are all-gathered)
@@ -145,7 +146,7 @@ def ldiffrec_train_step(engine, wide: WideLayers, cfg: DiffRecConfig, cluster_bl
     (sum_j x_j) LSE_j with the log-sum-exp over every rank's columns. Returns the global mean loss."""
     model: LDiffRecDense = engine.module
     device = wide.table.dmp.device
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank, _ = rank_and_world()
     ids, vals, sizes = wide.gather_users(offsets, items, user_values(offsets, cfg))
     if len(set(sizes)) > 1:
         raise ValueError(f"L-DiffRec train step {step}: ranks have different batch sizes {sizes}")
@@ -169,19 +170,16 @@ def ldiffrec_train_step(engine, wide: WideLayers, cfg: DiffRecConfig, cluster_bl
     logits = wide.last(out["pred_x0"].float(), w_out, b_out, sizes)  # (B, block): decoder over this rank's items
     hits = wide.sum_columns((x * logits).sum(dim=1))
     mass = x.sum(dim=1)
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if multi_rank():
         dist.all_reduce(mass)
     recon = (mass * sharded_logsumexp(logits) - hits)[own].mean()
     vae_loss = recon + kl_weight_at(cfg, step) * out["kl"].float()
     loss = combine_ldiffrec_loss(cfg, out["loss"].float().mean(), vae_loss, epoch)
-    reduced = loss.detach().clone()
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(reduced)
-        reduced /= dist.get_world_size()
+    reduced = all_reduce_mean(loss)
     if not torch.isfinite(reduced):
         raise NonFiniteLossError(f"non-finite loss {reduced.item()} at step {step} (rank {rank}); "
                                  "stopped before this step's update")
-    model.diffusion.update_history(gather_plain(out["t"].cpu(), sizes), gather_plain(out["history"].cpu(), sizes))
+    model.diffusion.update_history(gather_rows(out["t"].cpu(), sizes), gather_rows(out["history"].cpu(), sizes))
     engine.backward(loss)
     engine.step()
     wide.table.step_optimizer()
@@ -197,7 +195,7 @@ def score_queries(model: DiffRecDense | LDiffRecDense, wide: WideLayers, cfg: Di
     t = 0, whose coefficients are 1 and 0 up to rounding: the same order)."""
     model.eval()
     diffusion = model.diffusion
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank, _ = rank_and_world()
     ids, vals, sizes = wide.gather_users(offsets, items, user_values(offsets, cfg))
     w_in, w_out, b_out = (p.detach() for p in wide.block_rows())
     x = wide.dense_block(ids, vals).to(w_in.device)
@@ -452,10 +450,7 @@ def fit(cfg: JobConfig) -> dict[str, Any]:
     log.info("test (state of step %d, selected on val %s): %s", best_step, cfg.eval.select_metric,
              " ".join(f"{k}={v:.4f}" for k, v in test.items() if k.startswith(("Recall@", "NDCG@"))))
     import resource
-    rss = [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20]  # KiB -> GiB (Linux)
-    if world > 1:
-        rss = [None] * world
-        dist.all_gather_object(rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+    rss = gather_objects(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)  # KiB -> GiB (Linux)
     payload = {
         "name": cfg.name, "model": f"diffrec:{dcfg.variant}", "peak_rss_gib_per_rank": rss,
         "item_table": {"rows": wide.table.num_rows, "dim": wide.layout.dim, "sharding": cfg.sparse.sharding,

@@ -16,10 +16,10 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from recsys_dist.config import JobConfig, default_data_dir, stream_seed
-from recsys_dist.eval import collective_device
+from recsys_dist.distributed import collective_device
 from recsys_dist.models import build_model
 from recsys_dist.sparse import ShardedItemTable, check_sparse_config
-from recsys_dist.train.distributed import barrier, init_distributed, pick_device, seed_everything
+from recsys_dist.distributed import barrier, init_distributed, pick_device, seed_everything
 from recsys_dist.train.checkpoint import CheckpointManager, TrainState
 from recsys_dist.train.engine import build_engine
 from recsys_dist.train.negatives import NegativeSampler

@@ -17,60 +17,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-
-class _AllGather(torch.autograd.Function):
-    """Concatenate equal-size (b, d) tensors from all ranks; backward returns this rank's
-    slice of the summed gradient (all-reduce then slice: works on gloo and NCCL)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:  # type: ignore[override]
-        ctx.group, ctx.b = group, x.shape[0]
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, x.contiguous(), group=group)
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.group)
-        r = dist.get_rank(ctx.group)
-        return grad[r * ctx.b:(r + 1) * ctx.b], None
-
-
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over ranks; the gradient of a sum is the sum of the gradients."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:  # type: ignore[override]
-        ctx.group = group
-        out = x.clone()
-        dist.all_reduce(out, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
-
-
-def gather_rows(x: torch.Tensor, sizes: list[int], group: dist.ProcessGroup | None = None) -> torch.Tensor:
-    """Differentiable all-gather of (b_r, d) rows from every rank, in rank order; ``sizes`` are
-    every rank's b_r (may differ: rows are padded to the largest for the collective). The
-    gradient of a rank's rows is the sum of every rank's gradient of them."""
-    most = max(sizes)
-    if x.shape[0] < most:
-        x = torch.cat([x, x.new_zeros((most - x.shape[0],) + tuple(x.shape[1:]))])
-    full = _AllGather.apply(x, group)
-    if all(n == most for n in sizes):
-        return full
-    index = torch.cat([torch.arange(r * most, r * most + n) for r, n in enumerate(sizes)]).to(full.device)
-    return full.index_select(0, index)
-
-
-def sum_over_ranks(x: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
-    """Differentiable all-reduce SUM (the gradient of a sum is the sum of the gradients)."""
-    return _AllReduceSum.apply(x, group)
+from recsys_dist.distributed import gather_rows, rank_and_world, sum_over_ranks
 
 
 def _reduce(ce: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
@@ -79,12 +26,6 @@ def _reduce(ce: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
         return ce.mean()
     weights = weights.to(ce.dtype)
     return torch.where(weights != 0, ce * weights, torch.zeros_like(ce)).sum()
-
-
-def _world(group: dist.ProcessGroup | None) -> tuple[int, int]:
-    if not dist.is_initialized():
-        return 0, 1
-    return dist.get_rank(group), dist.get_world_size(group)
 
 
 def sharded_softmax_ce(queries: torch.Tensor, target_logits: torch.Tensor, item_block: torch.Tensor,
@@ -101,10 +42,10 @@ def sharded_softmax_ce(queries: torch.Tensor, target_logits: torch.Tensor, item_
         scalar: mean over this rank's b samples of logsumexp_j(q . e_j) - q . e_target, or with
         ``weights`` the sum of the weighted per-row CEs.
     """
-    rank, world = _world(group)
+    rank, world = rank_and_world(group)
     b = queries.shape[0]
     if world > 1:
-        q_all = _AllGather.apply(queries, group)  # (W*b, d), grads flow back
+        q_all = gather_rows(queries, group=group)  # (W*b, d), grads flow back
     else:
         q_all = queries
     logits = q_all @ item_block.t()  # (W*b, n_r)
@@ -116,7 +57,7 @@ def sharded_logsumexp(logits: torch.Tensor, group: dist.ProcessGroup | None = No
     """(R, n_r) logits of this rank's columns (n_r may be 0) -> (R,) log-sum-exp over every
     rank's columns, exact and differentiable (max by all-reduce MAX, the sum of exponentials by
     a differentiable all-reduce SUM). Every rank passes the same R rows."""
-    _, world = _world(group)
+    _, world = rank_and_world(group)
     if logits.shape[1]:
         m = logits.detach().max(dim=1).values
     else:
@@ -125,7 +66,7 @@ def sharded_logsumexp(logits: torch.Tensor, group: dist.ProcessGroup | None = No
         dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
     s = torch.exp(logits - m[:, None]).sum(dim=1)
     if world > 1:
-        s = _AllReduceSum.apply(s, group)
+        s = sum_over_ranks(s, group)
     return m + torch.log(s)
 
 

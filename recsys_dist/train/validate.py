@@ -12,30 +12,15 @@ with the target follow ``eval.ties`` (default: expected rank under a random orde
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import torch
-import torch.distributed as dist
 
 from recsys_dist.config import EvalConfig, stream_seed
-from recsys_dist.eval import MetricAccumulator, collective_device, rank_targets
+from recsys_dist.distributed import collective_device, in_lockstep, row_range
+from recsys_dist.eval import MetricAccumulator, rank_targets
 from recsys_dist.sparse import ShardedItemTable
 from recsys_dist.train.step import embed
-
-
-def _batches_in_step(batches: Iterable[dict]) -> Iterator[dict | None]:
-    """Yield this rank's batches, then None until every rank is out of batches."""
-    it = iter(batches)
-    while True:
-        batch = next(it, None)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            flag = torch.tensor([0 if batch is None else 1], device=collective_device())
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        else:
-            flag = torch.tensor([0 if batch is None else 1])
-        if flag.item() == 0:
-            return
-        yield batch
 
 
 def eval_noise(model, users: torch.Tensor, max_len: int, seed: int) -> dict[str, torch.Tensor]:
@@ -72,7 +57,7 @@ def evaluate_model(model, table: ShardedItemTable, batches: Iterable[dict], cfg:
     lo, hi = table.score_block()
     block = table.rows(lo, hi, chunk=cfg.item_chunk if cfg.item_chunk > 0 else 1 << 20)
     acc = MetricAccumulator(cfg.ks, cfg.ties)
-    for batch in _batches_in_step(batches):
+    for batch in in_lockstep(batches):
         batch = batch if batch is not None else _empty_batch(max_len)
         dense, _ = embed(table, batch["history"], None)
         dtype = next(model.parameters()).dtype  # bf16 under DeepSpeed on GPU
@@ -100,12 +85,11 @@ def evaluate_model(model, table: ShardedItemTable, batches: Iterable[dict], cfg:
 def evaluate_popularity(item_counts: torch.Tensor, num_rows: int, batches: Iterable[dict], cfg: EvalConfig,
                         rank: int, world: int) -> dict[str, float]:
     """The popularity ranker through the same evaluator: d = 1, query = 1, score = train count."""
-    from recsys_dist.sparse import row_block
-    lo, hi = row_block(num_rows, world, rank)
+    lo, hi = row_range(num_rows, world, rank)
     device = collective_device()  # NCCL-only groups need the counts on the GPU
     block = item_counts[lo:hi, None].double().to(device)
     acc = MetricAccumulator(cfg.ks, cfg.ties)
-    for batch in _batches_in_step(batches):
+    for batch in in_lockstep(batches):
         batch = batch if batch is not None else _empty_batch(1)
         b = batch["target"].shape[0]
         result = rank_targets(torch.ones(b, 1, dtype=torch.float64, device=device), batch["target"].to(device),
