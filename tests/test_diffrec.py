@@ -1,5 +1,5 @@
-"""DiffRec / L-DiffRec / T-DiffRec (recsys_dist/models/diffrec.py) against the formulas of the
-official code (YiyanXu/DiffRec @ d35a6c6; file:line in the module's docstring) and, last, a
+"""DiffRec / L-DiffRec / T-DiffRec (recsys_dist/models/diffrec/) against the formulas of the
+official code (YiyanXu/DiffRec @ d35a6c6; file:line in docs/diffrec.md) and, last, a
 short run on the real ml-1m_clean data."""
 
 from __future__ import annotations
