@@ -159,7 +159,8 @@ def _rank(rank: int, world: int, port: int, spec: dict, queue) -> None:
         del buf
 
         # -- per-operation profile of the second pass (the code of rank_targets, step 4) on a few chunks
-        from recsys_dist.eval.ranking import _merge_topk, _positions_mask, _topk_in_chunk
+        from recsys_dist.eval.scoring import _positions_mask
+        from recsys_dist.eval.topk import _merge_topk, _topk_in_chunk
         topk = spec["topk"]
         threshold = torch.randn(q_total, generator=g)[:, None]
         target_col = all_t[:, None]

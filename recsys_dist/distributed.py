@@ -156,13 +156,13 @@ def broadcast_object(obj):
     return box[0]
 
 
-def gather_objects(obj) -> list:
+def gather_objects(obj, group: dist.ProcessGroup | None = None) -> list:
     """Every rank's picklable ``obj``, in rank order (``[obj]`` on one rank)."""
-    _, world = rank_and_world()
+    _, world = rank_and_world(group)
     if world == 1:
         return [obj]
     out = [None] * world
-    dist.all_gather_object(out, obj)
+    dist.all_gather_object(out, obj, group=group)
     return out
 
 

@@ -1,18 +1,24 @@
 """Exact, distributed full-catalog evaluation for sequential recommenders.
 
-* :mod:`~recsys_dist.distributed` - which rank owns which item rows (TorchRec row-wise
-  sharding layout) and small process-group helpers (:func:`max_over_ranks`).
 * :mod:`~recsys_dist.eval.ranking` - :func:`rank_targets`, the collective that ranks every
   user's held-out target against the whole catalog (exact integer ranks, an explicit tie rule,
   optional top-k lists); also the popularity baseline via ``d = 1``.
-* :mod:`~recsys_dist.eval.metrics` - HR@K / NDCG@K from integer rank histograms and
-  :class:`MetricAccumulator`, which all-reduces once at the end of an evaluation.
 * :mod:`~recsys_dist.eval.multi` - :func:`rank_target_sets`, several held-out targets per user
-  (DiffRec-style: Recall / NDCG / HR / Precision / MRR @K over all unmasked items, the same
-  tie rules, exact sums) and :class:`MultiMetricAccumulator`.
+  (DiffRec-style), the same machinery and tie rules.
+* :mod:`~recsys_dist.eval.metrics` - HR@K / NDCG@K from integer rank histograms,
+  :class:`RankResult` and :class:`MetricAccumulator` (all-reduces once at the end of an
+  evaluation); the leaf of the package.
+* :mod:`~recsys_dist.eval.multi_metrics` - Recall / NDCG / HR / Precision / MRR @K of target
+  sets from exact sums, :class:`MultiRankResult` and :class:`MultiMetricAccumulator`.
+* internals of the two collectives: :mod:`~recsys_dist.eval.checks` (input checks, the header
+  agreement across ranks), :mod:`~recsys_dist.eval.scoring` (the two chunked scoring passes),
+  :mod:`~recsys_dist.eval.topk` (exact top-k lists).
 
 Only ``torch``, ``torch.distributed`` and :mod:`recsys_dist.distributed` (row partition,
 collectives) are used; item blocks are plain dense tensors.
+
+Import graph (no cycles): ``metrics`` <- ``multi_metrics``, ``checks``; ``ranking`` <- ``checks``,
+``scoring``, ``topk``, ``metrics``; ``multi`` <- ``checks``, ``scoring``, ``multi_metrics``.
 """
 
 from recsys_dist.eval.metrics import (

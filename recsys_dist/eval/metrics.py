@@ -1,5 +1,9 @@
 """Ranking metrics for a single relevant item per user, accumulated exactly across ranks.
 
+This is the leaf of :mod:`recsys_dist.eval`: the integer counts of a ranking call
+(:class:`RankResult`, from :func:`~recsys_dist.eval.ranking.rank_targets`) go in, HR@K / NDCG@K
+come out; nothing here imports the ranking code.
+
 With one held-out target per user, let ``g`` be the number of candidates scoring *strictly
 higher* than the target and ``e`` the number scoring *exactly equal* (ties). The target's
 0-based position ``r`` (``r = 0`` is the best) depends on how ties are ordered:
@@ -13,16 +17,12 @@ higher* than the target and ``e`` the number scoring *exactly equal* (ties). The
 
 Per position: ``HR@K = 1[r < K]``, ``NDCG@K = 1 / log2(r + 2)`` if ``r < K`` else ``0``.
 
-Both only depend on a few integers per user. So instead of summing floats (whose result depends
-on summation order, hence on world size and batching), each rank keeps an integer histogram
-``hist[r] = #{own users at position r}`` for ``r < max(ks)`` (untied users, or every user under
-the optimistic / pessimistic rules) plus, under the expected rule, an integer count of tied
-users per ``(g, e)`` pair with ``g < max(ks)``; those integers are reduced exactly across ranks
-and the means are formed once, in a fixed order. The final numbers are therefore bit-identical
-for any world size, any split of users between ranks and any batching, and every user counts
-exactly once (each rank only counts its own users). (The integer ranks themselves depend on the
-scores; fp32 scores can differ in the last bit between batchings of the GEMM, so *that* part is
-as reproducible as the matmul.)
+Exactness: each rank keeps integers only - a histogram ``hist[r]`` of its own users with a single
+position ``r < max(ks)`` and, under the expected rule, a count of tied users per ``(g, e)`` with
+``g < max(ks)`` - reduced exactly across ranks; the means are formed once, in a fixed order. The
+metrics are therefore bit-identical for any world size, split of users between ranks and
+batching, and every user counts exactly once. (The integer counts themselves come from fp32
+scores, which can differ in the last bit between GEMM batchings.)
 """
 
 from __future__ import annotations
@@ -30,15 +30,12 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
-from recsys_dist.distributed import collective_device, rank_and_world
-
-if TYPE_CHECKING:  # pragma: no cover - import for annotations only
-    from recsys_dist.eval.ranking import RankResult
+from recsys_dist.distributed import collective_device, gather_objects, rank_and_world, sum_over_ranks
 
 __all__ = [
     "TIE_RULES",
@@ -51,6 +48,7 @@ __all__ = [
     "metric_sums_from_histogram",
     "metrics_from_histogram",
     "per_user_metrics",
+    "RankResult",
     "MetricAccumulator",
 ]
 
@@ -237,10 +235,56 @@ def per_user_metrics(ranks: torch.Tensor, ks: Sequence[int], equal: torch.Tensor
     return out
 
 
+@dataclass
+class RankResult:
+    """Outcome of one :func:`~recsys_dist.eval.ranking.rank_targets` call, as seen by one rank.
+
+    Attributes:
+        ranks: ``(b_r,)`` ``torch.long``, the number of candidates scoring strictly higher
+            than each own user's target (its best possible 0-based position), in input order.
+        ties_count: ``(b_r,)`` ``torch.long``, the number of candidates scoring exactly the
+            target's score.
+        target_scores: ``(b_r,)`` target scores (dot products in the query dtype), as computed
+            by the owner of the target row.
+        ks: metric cutoffs.
+        ties: the tie rule the metrics use.
+        local_rank_hist: ``(max(ks),)`` ``torch.long`` histogram of this rank's own users
+            with a single position under ``ties`` (see :func:`positions_summary`).
+        local_tied: the other own users (expected rule) per ``(g, e)``.
+        num_local_users: ``b_r``.
+        num_users: users of this call summed over all ranks (each counted once).
+        metrics: ``{"HR@K": mean, "NDCG@K": mean, ..., "num_users": N}`` over all users of
+            this call on all ranks (identical on every rank; ``nan`` means when ``N == 0``).
+        topk_ids: ``(b_r, topk)`` ``torch.long`` global item ids of each own user's best
+            candidates (score descending, then id ascending), or ``None`` when ``topk == 0``.
+            Slots beyond the number of candidates hold ``-1``.
+        topk_scores: ``(b_r, topk)`` matching scores (``-inf`` in empty slots), or ``None``.
+    """
+
+    ranks: torch.Tensor
+    ties_count: torch.Tensor
+    target_scores: torch.Tensor
+    ks: tuple[int, ...]
+    ties: str
+    local_rank_hist: torch.Tensor
+    local_tied: TieCounts
+    num_local_users: int
+    num_users: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    topk_ids: torch.Tensor | None = None
+    topk_scores: torch.Tensor | None = None
+
+    def local_sums(self) -> dict[str, float]:
+        """Sums (not means) of HR@K / NDCG@K over this rank's own users, plus ``"num_users"``."""
+        out = metric_sums_from_histogram(self.local_rank_hist, self.ks, self.local_tied)
+        out["num_users"] = self.num_local_users
+        return out
+
+
 class MetricAccumulator:
     """Accumulates rank histograms over many eval batches; all-reduces once at the end.
 
-    Each rank calls :meth:`update` with the :class:`~recsys_dist.eval.ranking.RankResult` of
+    Each rank calls :meth:`update` with the :class:`RankResult` of
     every batch (only the rank's *own* users are added, so nobody is counted twice), then every
     rank calls :meth:`compute` collectively. Ranks may have processed different numbers of
     batches (or of users); only the final :meth:`compute` is collective. State is a
@@ -308,11 +352,7 @@ class MetricAccumulator:
         tied = self.tied
         _, world = rank_and_world(group)
         if world > 1:
-            packed = packed.to(collective_device(group))
-            dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
-            packed = packed.cpu()
+            packed = sum_over_ranks(packed.to(collective_device(group)), group).cpu()
             if self.ties == "expected":
-                parts: list[TieCounts | None] = [None] * world
-                dist.all_gather_object(parts, tied, group=group)
-                tied = merge_tie_counts(p or {} for p in parts)
+                tied = merge_tie_counts(p or {} for p in gather_objects(tied, group))
         return metrics_from_histogram(packed[: self.max_k], int(packed[self.max_k]), self.ks, tied)

@@ -1,58 +1,28 @@
-"""Exact full-catalog ranking of held-out targets against a row-wise sharded item table.
+"""Exact full-catalog rank of one held-out target per user against a row-wise sharded item table.
 
-Every rank holds a contiguous block of item rows (see :func:`~recsys_dist.distributed.
-row_partition`) and a batch of its own users. :func:`rank_targets` is collective: all ranks of
-``group`` call it once per evaluation step, and together they rank every user's target against
-*every* catalog item (no sampling), exactly.
-
-Algorithm (per call):
-
-1. All-gather one small header per rank (batch size, history length, embedding width, dtype,
-   owned rows, ...) so that inputs are validated collectively - a bad input on one rank raises
-   the same ``ValueError`` on every rank instead of leaving the others hanging - and so that
-   variable batch sizes can be padded to a common size for the next all-gathers.
-2. All-gather the queries ``(B, d)``, targets ``(B,)`` and (with ``mask_history``) seen sets
-   ``(B, L)`` of all ranks (``histories``: whatever the caller masks, normally every item the
-   user interacted with before the target, not only the model's input window), ``B = sum_r b_r``, trimming the padding afterwards. Gathered users
-   are ordered by rank, then by position in the rank's batch.
-3. Each rank scores its block against all ``B`` queries, ``item_chunk`` rows at a time
-   (``scores = Q_all @ chunk^T``, so peak memory is ``O(B * item_chunk)`` however many items
-   there are). The target score of a user is read from the score matrix of the rank (and
-   chunk) that owns the target row, and shared with all ranks by an ``all_reduce(SUM)`` of a
-   ``(B,)`` tensor that is zero except at the owner - exact, because ``x + 0 == x``. It is
-   never recomputed with a separate dot product, so the threshold every rank compares with
-   is bit-for-bit the value the owner compares its own items with.
-4. Each rank counts, per user, its candidate items whose score is *strictly greater* than the
-   target score and those whose score is *equal*; an ``all_reduce(SUM)`` of these integer
-   counts gives the exact position of the target up to the order of ties.
-5. Optionally each rank also computes a per-user top-k over its candidates; the per-rank lists
-   are all-gathered and merged into the global top-k of every user.
+Every rank holds a contiguous block of item rows (:func:`~recsys_dist.distributed.row_partition`)
+and a batch of its own users. :func:`rank_targets` is collective: all ranks of ``group`` call it
+once per evaluation step, and together they count, for every user, the candidates scoring
+strictly higher than the target (``g``) and exactly equal to it (``e``) over *every* catalog item
+(no sampling), as exact integers. Pieces: input checks and the header agreement across ranks in
+:mod:`~recsys_dist.eval.checks`, the two chunked scoring passes in
+:mod:`~recsys_dist.eval.scoring`, top-k lists in :mod:`~recsys_dist.eval.topk`, metrics in
+:mod:`~recsys_dist.eval.metrics`; the protocol in ``docs/evaluation.md``.
 
 Candidates: every row except row 0 (padding) and the target itself; with ``mask_history`` the
-rows in the user's history are removed as well, *except the target*, which is never masked
-even if it occurs in the history (for ranks this is moot because the target is excluded from
-its own count anyway; for top-k lists it means the target may appear in the list).
+rows in the user's history are removed as well, *except the target*, which is never masked (for
+top-k lists this means the target may appear in the list).
 
-Tie rule (``ties``, see :mod:`~recsys_dist.eval.metrics`): by default ``"expected"``, HR and
-NDCG averaged exactly over a uniformly random order of the items tied with the target, so a
-model whose scores collapsed to a constant scores like a random ranker; ``"optimistic"`` (the
-target wins every tie) and ``"pessimistic"`` are selectable. argsort-based evaluators get some
-tie order by accident of the sort implementation; here the rule is explicit and independent of
-world size, chunking and item order. Top-k lists order by score descending, then by item id
-ascending.
+Tie rule (``ties``, see :mod:`~recsys_dist.eval.metrics`): ``"expected"`` (default, HR and NDCG
+averaged exactly over a uniformly random order of the items tied with the target, so a collapsed
+model scores like a random ranker), ``"optimistic"`` or ``"pessimistic"``. The rule is explicit
+and independent of world size, chunking and item order. Top-k lists order by score descending,
+then by item id ascending.
 
-Non-finite inputs are refused: a NaN or inf in any rank's queries or item rows, or a score
-that overflows, raises on every rank (a NaN compares false with everything and would otherwise
-rank first).
-
-Why two passes over the chunks: a chunk's comparisons need the target scores of *all* users,
-but those target scores live in chunks (possibly on other ranks) that are computed later. The
-first pass computes only the chunks that contain at least one target owned by this rank and
-extracts the target scores; after the all-reduce, the second pass counts. Score matrices of the
-first pass are kept (up to ``score_cache_bytes``) and reused by the second pass; when the
-cache is full, a chunk is recomputed with the very same operands and its target scores are
-checked bit-for-bit against the shared values (a mismatch, i.e. a non-deterministic matmul,
-raises on every rank).
+Guarantees: invalid or inconsistent inputs on any rank (NaN/inf queries or item rows included)
+and overflowing scores raise on every rank; target scores are computed once, by the owner of the
+target row, and a recomputed score chunk must reproduce them bit-for-bit; peak extra memory is
+``O(B * item_chunk)`` for ``B`` gathered users.
 
 Popularity baseline: the same machinery ranks items by a per-item count with ``d = 1``::
 
@@ -72,88 +42,30 @@ usable by the backend of ``group`` (CPU tensors for gloo, CUDA tensors for NCCL;
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
-from recsys_dist.eval.metrics import (
-    TIE_RULES,
-    TieCounts,
-    check_ks,
-    check_ties,
-    metric_sums_from_histogram,
-    metrics_from_histogram,
-    positions_summary,
+from recsys_dist.eval.checks import (
+    _H_B,
+    _H_L,
+    _begin_call,
+    _empty_2d,
+    _exchange_headers,
+    _make_header,
+    _target_problems,
 )
-from recsys_dist.distributed import gather_rows, rank_and_world, stack_over_ranks
+from recsys_dist.eval.metrics import RankResult, metrics_from_histogram, positions_summary
+from recsys_dist.eval.scoring import (
+    DEFAULT_SCORE_CACHE_BYTES,
+    _chunk_masks,
+    _ChunkPasses,
+    _gather_users,
+    _pad_cols,
+)
+from recsys_dist.eval.topk import _RunningTopK
 
 __all__ = ["RankResult", "rank_targets", "popularity_block", "DEFAULT_SCORE_CACHE_BYTES"]
-
-#: Default budget (bytes) for keeping first-pass score chunks around for the second pass.
-DEFAULT_SCORE_CACHE_BYTES: int = 512 * 1024 * 1024
-
-_FLOAT_DTYPES: tuple[torch.dtype, ...] = (
-    torch.float32,
-    torch.float64,
-    torch.float16,
-    torch.bfloat16,
-)
-
-# Layout of the per-rank header gathered at the start of every call.
-_H_OK, _H_B, _H_L, _H_D, _H_DTYPE, _H_LO, _H_NROWS_LOCAL = 0, 1, 2, 3, 4, 5, 6
-_H_NUM_ROWS, _H_TOPK, _H_MASK, _H_MAXK, _H_TIES, _H_KINDS = 7, 8, 9, 10, 11, 12
-_HEADER_LEN = 13
-
-# Bits of the header's problem-kind field, so that every rank can say what went wrong where.
-_KIND_NAMES: tuple[str, ...] = ("NaN/inf queries", "NaN/inf item rows", "other (see that rank's log)")
-
-
-@dataclass
-class RankResult:
-    """Outcome of one :func:`rank_targets` call, as seen by one rank.
-
-    Attributes:
-        ranks: ``(b_r,)`` ``torch.long``, the number of candidates scoring strictly higher
-            than each own user's target (its best possible 0-based position), in input order.
-        ties_count: ``(b_r,)`` ``torch.long``, the number of candidates scoring exactly the
-            target's score.
-        target_scores: ``(b_r,)`` target scores (dot products in the query dtype), as computed
-            by the owner of the target row.
-        ks: metric cutoffs.
-        ties: the tie rule the metrics use.
-        local_rank_hist: ``(max(ks),)`` ``torch.long`` histogram of this rank's own users
-            with a single position under ``ties`` (see
-            :func:`~recsys_dist.eval.metrics.positions_summary`).
-        local_tied: the other own users (expected rule) per ``(g, e)``.
-        num_local_users: ``b_r``.
-        num_users: users of this call summed over all ranks (each counted once).
-        metrics: ``{"HR@K": mean, "NDCG@K": mean, ..., "num_users": N}`` over all users of
-            this call on all ranks (identical on every rank; ``nan`` means when ``N == 0``).
-        topk_ids: ``(b_r, topk)`` ``torch.long`` global item ids of each own user's best
-            candidates (score descending, then id ascending), or ``None`` when ``topk == 0``.
-            Slots beyond the number of candidates hold ``-1``.
-        topk_scores: ``(b_r, topk)`` matching scores (``-inf`` in empty slots), or ``None``.
-    """
-
-    ranks: torch.Tensor
-    ties_count: torch.Tensor
-    target_scores: torch.Tensor
-    ks: tuple[int, ...]
-    ties: str
-    local_rank_hist: torch.Tensor
-    local_tied: TieCounts
-    num_local_users: int
-    num_users: int
-    metrics: dict[str, float] = field(default_factory=dict)
-    topk_ids: torch.Tensor | None = None
-    topk_scores: torch.Tensor | None = None
-
-    def local_sums(self) -> dict[str, float]:
-        """Sums (not means) of HR@K / NDCG@K over this rank's own users, plus ``"num_users"``."""
-        out = metric_sums_from_histogram(self.local_rank_hist, self.ks, self.local_tied)
-        out["num_users"] = self.num_local_users
-        return out
 
 
 def popularity_block(
@@ -177,242 +89,91 @@ def popularity_block(
 
 
 # --------------------------------------------------------------------------------------------
-# collectives
+# pieces of rank_targets
 # --------------------------------------------------------------------------------------------
 
 
-# --------------------------------------------------------------------------------------------
-# per-chunk helpers
-# --------------------------------------------------------------------------------------------
+def _normalise_inputs(
+    queries: torch.Tensor, targets: torch.Tensor, item_block: torch.Tensor,
+    histories: torch.Tensor | None, mask_history: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Shapes of an empty batch (``b_r = 0``) made regular; ``histories`` dropped unless read."""
+    d = item_block.shape[-1] if item_block.dim() == 2 else -1
+    if queries.numel() == 0 and targets.numel() == 0 and d >= 0:
+        queries = queries.reshape(0, d)
+        targets = targets.reshape(0)
+        histories = _empty_2d(histories)
+    if not mask_history:
+        histories = None
+    elif histories is None and targets.numel() == 0:
+        histories = torch.zeros(0, 0, dtype=torch.long, device=item_block.device)
+    return queries, targets, histories
 
 
-def _scores(
-    queries: torch.Tensor, item_block: torch.Tensor, c0: int, c1: int, dtype: torch.dtype
-) -> torch.Tensor:
-    """``(B, c1 - c0)`` scores of all gathered queries against local rows ``c0 .. c1 - 1``.
-
-    Always called with the same operands for a given chunk, so a recomputation reproduces the
-    first computation (checked by the caller).
-    """
-    return queries @ item_block[c0:c1].to(dtype).T
-
-
-def _positions_mask(ids: torch.Tensor, first_id: int, width: int) -> torch.Tensor:
-    """``(B, width)`` bool: ``out[i, j]`` is True iff ``first_id + j`` occurs in ``ids[i]``.
-
-    Args:
-        ids: ``(B, L)`` global item ids (any values; those outside the window are ignored).
-        first_id: global id of column 0.
-        width: number of columns.
-    """
-    inside = (ids >= first_id) & (ids < first_id + width)
-    # Ids outside the window are routed to a dummy column ``width`` that is dropped after.
-    idx = torch.where(inside, ids - first_id, torch.full_like(ids, width))
-    out = torch.zeros(ids.shape[0], width + 1, dtype=torch.bool, device=ids.device)
-    out.scatter_(1, idx, True)
-    return out[:, :width]
-
-
-def _topk_in_chunk(
-    scores: torch.Tensor, first_id: int, k: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row top-``k`` of a chunk whose column ``j`` is item ``first_id + j``.
-
-    Masked candidates must already be ``-inf``. Selection is exact under the order "score
-    descending, then id ascending": all entries above the k-th largest value are taken, and
-    among entries equal to it the lowest ids (leftmost columns) fill the remaining slots.
-
-    Returns:
-        ``(B, k)`` scores and ``(B, k)`` ``torch.long`` ids, unsorted; ids are ``-1`` where the
-        score is ``-inf`` (no candidate), including padding slots when the chunk has fewer than
-        ``k`` columns.
-    """
-    n_q, width = scores.shape
-    kk = min(k, width)
-    vals = torch.full((n_q, k), float("-inf"), dtype=scores.dtype, device=scores.device)
-    ids = torch.full((n_q, k), -1, dtype=torch.long, device=scores.device)
-    if kk == 0 or n_q == 0:
-        return vals, ids
-    kth = torch.topk(scores, kk, dim=1, largest=True, sorted=True).values[:, kk - 1 :]
-    above = scores > kth
-    tied = scores == kth
-    need = kk - above.sum(dim=1, keepdim=True)
-    take = above | (tied & (torch.cumsum(tied, dim=1, dtype=torch.int32) <= need))
-    cols = take.nonzero()[:, 1]
-    if cols.numel() != n_q * kk:
-        raise ValueError("top-k selection failed: scores contain NaN")
-    cols = cols.view(n_q, kk)  # nonzero() is row-major, so each row's columns are contiguous
-    chosen = scores.gather(1, cols)
-    vals[:, :kk] = chosen
-    ids[:, :kk] = torch.where(torch.isneginf(chosen), torch.full_like(cols, -1), cols + first_id)
-    return vals, ids
-
-
-def _merge_topk(
-    vals: torch.Tensor, ids: torch.Tensor, k: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best ``k`` of ``(B, m)`` candidate lists, ordered by score desc, then id asc.
-
-    Two stable sorts: by id ascending, then by score descending (stability keeps the id order
-    inside every group of equal scores). Entries with id ``-1`` are empty slots (score
-    ``-inf``) and sort last.
-    """
-    ids_sorted, order = torch.sort(ids, dim=1, stable=True)
-    vals_sorted = vals.gather(1, order)
-    vals_final, order = torch.sort(vals_sorted, dim=1, descending=True, stable=True)
-    ids_final = ids_sorted.gather(1, order)
-    return vals_final[:, :k], ids_final[:, :k]
-
-
-# --------------------------------------------------------------------------------------------
-# validation
-# --------------------------------------------------------------------------------------------
-
-
-def _local_problems(
-    queries: torch.Tensor,
-    targets: torch.Tensor,
-    item_block: torch.Tensor,
-    row_offset: int,
-    num_rows: int,
-    histories: torch.Tensor | None,
-    mask_history: bool,
-    topk: int,
-    item_chunk: int,
-) -> list[str]:
-    """Everything wrong with this rank's inputs (empty list when fine)."""
-    problems: list[str] = []
-    if item_block.dim() != 2:
-        problems.append(f"item_block must be 2-D (n_r, d), got shape {tuple(item_block.shape)}")
-        return problems
-    n_r, d = item_block.shape
-    if queries.dim() != 2 or queries.shape[1] != d:
-        problems.append(f"queries must be (b_r, {d}), got shape {tuple(queries.shape)}")
-    if queries.dtype not in _FLOAT_DTYPES:
-        problems.append(f"queries must be floating point, got {queries.dtype}")
-    elif queries.numel() and not bool(torch.isfinite(queries).all()):
-        bad = int((~torch.isfinite(queries)).any(dim=-1).sum()) if queries.dim() == 2 else -1
-        problems.append(f"queries hold NaN/inf values ({bad} of {queries.shape[0]} users)")
-    if item_block.dtype in _FLOAT_DTYPES and item_block.numel() and not bool(torch.isfinite(item_block).all()):
-        bad = int((~torch.isfinite(item_block)).any(dim=-1).sum())
-        problems.append(f"item rows hold NaN/inf values ({bad} rows from global id {row_offset})")
-    if targets.dim() != 1 or (queries.dim() == 2 and targets.shape[0] != queries.shape[0]):
-        problems.append(
-            f"targets must be (b_r,) matching queries {tuple(queries.shape)}, "
-            f"got {tuple(targets.shape)}"
-        )
-    if targets.dtype.is_floating_point or targets.dtype == torch.bool:
-        problems.append(f"targets must be integer ids, got {targets.dtype}")
-    elif targets.numel() and (int(targets.min()) < 1 or int(targets.max()) >= num_rows):
-        problems.append(f"targets must lie in [1, {num_rows}) (row 0 is padding)")
-    if not 0 <= row_offset <= num_rows or row_offset + n_r > num_rows:
-        problems.append(f"rows [{row_offset}, {row_offset + n_r}) exceed num_rows={num_rows}")
-    if mask_history and histories is not None:
-        if histories.dim() != 2 or histories.shape[0] != targets.shape[0]:
-            problems.append(
-                f"histories must be (b_r, L) with b_r = {targets.shape[0]}, "
-                f"got {tuple(histories.shape)}"
-            )
-        elif histories.dtype.is_floating_point or histories.dtype == torch.bool:
-            problems.append(f"histories must be integer ids, got {histories.dtype}")
-        elif histories.numel() and (int(histories.min()) < 0 or int(histories.max()) >= num_rows):
-            problems.append(f"history ids must lie in [0, {num_rows}) (0 = padding)")
-    if mask_history and histories is None and targets.numel() > 0:
-        problems.append("mask_history=True needs histories")
-    if topk < 0:
-        problems.append(f"topk must be >= 0, got {topk}")
-    if item_chunk < 1:
-        problems.append(f"item_chunk must be >= 1, got {item_chunk}")
-    devices = {t.device for t in (queries, targets, item_block)}
-    if mask_history and histories is not None:
-        devices.add(histories.device)
-    if len(devices) > 1:
-        problems.append(f"all tensors must be on one device, got {sorted(map(str, devices))}")
-    return problems
-
-
-def _problem_kinds(problems: list[str]) -> int:
-    """Bit mask over :data:`_KIND_NAMES` of this rank's problems."""
-    bits = 0
-    for p in problems:
-        if p.startswith("queries hold NaN/inf"):
-            bits |= 1
-        elif p.startswith("item rows hold NaN/inf"):
-            bits |= 2
-        else:
-            bits |= 4
-    return bits
-
-
-def _begin_call(ks: Sequence[int], ties: str, group: dist.ProcessGroup | None
-                ) -> tuple[tuple[int, ...], str, int, int, int]:
-    """The checks every collective ranking call starts with: ``(ks, ties, max(ks), rank, world)``."""
-    ks = check_ks(ks)
-    ties = check_ties(ties)
-    rank, world = rank_and_world(group)
-    if world > 1 and group is not None and rank < 0:
-        raise ValueError("this process is not a member of `group`")
-    return ks, ties, max(ks, default=0), rank, world
-
-
-def _exchange_headers(header: torch.Tensor, problems: list[str], world: int, group: dist.ProcessGroup | None,
-                      num_rows: int, who: str) -> torch.Tensor:
-    """All-gather every rank's header (CPU ``(world, len)`` result) and raise the same
-    ``ValueError`` on every rank if any rank's inputs are invalid (naming the ranks and the kind
-    of problem) or the ranks disagree (:func:`_check_headers`)."""
-    if world > 1:
-        headers = stack_over_ranks(header, group).cpu()
-    else:
-        headers = header.cpu().unsqueeze(0)
-    bad_ranks = [r for r in range(world) if headers[r, _H_OK] == 0]
-    if bad_ranks:
-        kinds = "; ".join(
-            f"rank {r}: " + ", ".join(n for i, n in enumerate(_KIND_NAMES) if int(headers[r, _H_KINDS]) >> i & 1)
-            for r in bad_ranks
-        )
-        mine = ("; this rank: " + "; ".join(problems)) if problems else ""
-        raise ValueError(f"{who}: invalid inputs on rank(s) {bad_ranks} ({kinds}){mine}")
-    problems = _check_headers(headers, num_rows)
-    if problems:
-        raise ValueError(f"{who}: " + "; ".join(problems))
-    return headers
-
-
-def _check_headers(headers: torch.Tensor, num_rows: int) -> list[str]:
-    """Cross-rank consistency problems in the gathered ``(world, _HEADER_LEN)`` headers."""
-    problems: list[str] = []
-    for col, what in (
-        (_H_D, "embedding width d"),
-        (_H_DTYPE, "query dtype"),
-        (_H_NUM_ROWS, "num_rows"),
-        (_H_TOPK, "topk"),
-        (_H_MASK, "mask_history"),
-        (_H_MAXK, "max(ks)"),
-        (_H_TIES, "tie rule"),
-    ):
-        values = headers[:, col].tolist()
-        if len(set(values)) > 1:
-            if col == _H_DTYPE:
-                values = [
-                    str(_FLOAT_DTYPES[v]) if 0 <= v < len(_FLOAT_DTYPES) else "?" for v in values
-                ]
-            problems.append(f"ranks disagree on {what}: {values}")
-    # The row blocks must tile [0, num_rows) exactly, or some items would be scored twice or
-    # never.
-    blocks = sorted(
-        (int(lo), int(lo + n)) for lo, n in headers[:, [_H_LO, _H_NROWS_LOCAL]].tolist() if n > 0
+def _empty_result(ks: tuple[int, ...], ties: str, max_k: int, topk: int, dtype: torch.dtype,
+                  device: torch.device) -> RankResult:
+    """The result when no rank has users (no collectives needed)."""
+    empty_long = torch.zeros(0, dtype=torch.long, device=device)
+    zeros_hist = torch.zeros(max_k, dtype=torch.long)
+    return RankResult(
+        ranks=empty_long,
+        ties_count=empty_long,
+        target_scores=torch.zeros(0, dtype=dtype, device=device),
+        ks=ks,
+        ties=ties,
+        local_rank_hist=zeros_hist,
+        local_tied={},
+        num_local_users=0,
+        num_users=0,
+        metrics=metrics_from_histogram(zeros_hist, 0, ks),
+        topk_ids=torch.zeros(0, topk, dtype=torch.long, device=device) if topk else None,
+        topk_scores=torch.zeros(0, topk, dtype=dtype, device=device) if topk else None,
     )
-    expected = 0
-    for lo, hi in blocks:
-        if lo != expected:
-            break
-        expected = hi
-    if expected != num_rows or any(lo < 0 for lo, _ in blocks):
-        problems.append(
-            "item blocks [row_offset, row_offset + n_r) of the ranks do not tile "
-            f"[0, {num_rows}): {blocks}"
-        )
-    return problems
+
+
+def _gather_targets(
+    queries: torch.Tensor, targets: torch.Tensor, histories: torch.Tensor | None,
+    headers: torch.Tensor, sizes: list[int], group: dist.ProcessGroup | None, world: int,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """All ranks' ``(B, d)`` queries, ``(B,)`` targets and (``histories`` given) ``(B, L_max)``
+    0-padded histories, in rank order."""
+    queries = queries.to(device)
+    targets = targets.to(device=device, dtype=torch.long)
+    ids_local = targets[:, None]
+    if histories is not None:
+        l_max = int(headers[:, _H_L].max())
+        ids_local = torch.cat([ids_local, _pad_cols(histories.to(torch.long), l_max)], dim=1)
+    q_all, ids_all = _gather_users(queries, ids_local, sizes, group, world)
+    t_all = ids_all[:, 0].contiguous()
+    h_all = ids_all[:, 1:].contiguous() if histories is not None else None
+    return q_all, t_all, h_all
+
+
+def _count_candidates(
+    passes: _ChunkPasses, t_scores: torch.Tensor, t_all: torch.Tensor, h_all: torch.Tensor | None,
+    topk: int,
+) -> tuple[torch.Tensor, torch.Tensor, _RunningTopK | None]:
+    """Second pass over this rank's chunks: per gathered user, ``(B,)`` counts of its candidates
+    scoring strictly higher than / exactly equal to the target score (this rank's rows only),
+    and this rank's running top-k (``topk > 0``)."""
+    total = int(t_all.shape[0])
+    device = t_all.device
+    counts = torch.zeros(total, dtype=torch.long, device=device)
+    equal = torch.zeros(total, dtype=torch.long, device=device)
+    top = _RunningTopK(total, topk, t_scores.dtype, device) if topk > 0 else None
+    threshold = t_scores[:, None]
+    target_col = t_all[:, None]
+    for first_id, width, s in passes.all_chunks():
+        is_target, masked = _chunk_masks(target_col, h_all, first_id, width)
+        masked &= ~is_target  # the target is never masked ...
+        excluded = masked | is_target  # ... but it never counts against itself
+        counts += ((s > threshold) & ~excluded).sum(dim=1)
+        equal += ((s == threshold) & ~excluded).sum(dim=1)
+        if top is not None:
+            top.add(s.masked_fill(masked, float("-inf")), first_id)
+        del s
+    return counts, equal, top
 
 
 # --------------------------------------------------------------------------------------------
@@ -468,7 +229,7 @@ def rank_targets(
         item_chunk: rows scored per matmul; peak extra memory is about
             ``B * item_chunk * (element size + a few bytes)`` where ``B = sum_r b_r``.
         score_cache_bytes: bytes of first-pass score chunks that may be kept for the second
-            pass instead of being recomputed (see the module docstring).
+            pass instead of being recomputed (see :mod:`~recsys_dist.eval.scoring`).
         ties: ``"expected"`` (default) | ``"optimistic"`` | ``"pessimistic"``: how candidates
             scoring exactly the target's score enter HR/NDCG (module docstring).
 
@@ -489,177 +250,43 @@ def rank_targets(
     ks, ties, max_k, rank, world = _begin_call(ks, ties, group)
     device = item_block.device
 
-    # ---- normalise shapes of an empty batch (b_r = 0) -------------------------------------
-    d = item_block.shape[-1] if item_block.dim() == 2 else -1
-    if queries.numel() == 0 and targets.numel() == 0 and d >= 0:
-        queries = queries.reshape(0, d)
-        targets = targets.reshape(0)
-        if histories is not None and histories.numel() == 0:
-            histories = histories.reshape(0, histories.shape[-1] if histories.dim() == 2 else 0)
-    if not mask_history:
-        histories = None
-    elif histories is None and targets.numel() == 0:
-        histories = torch.zeros(0, 0, dtype=torch.long, device=device)
-
-    problems = _local_problems(
-        queries, targets, item_block, row_offset, num_rows, histories, mask_history, topk,
-        item_chunk,
-    )
+    # ---- 1. input checks; headers: validate collectively, learn the batch sizes ------------
+    queries, targets, histories = _normalise_inputs(queries, targets, item_block, histories,
+                                                    mask_history)
+    problems = _target_problems(queries, targets, item_block, row_offset, num_rows, histories,
+                                mask_history, topk, item_chunk)
     b = int(targets.shape[0]) if targets.dim() == 1 else 0
-    n_local = int(item_block.shape[0]) if item_block.dim() == 2 else 0
     hist_len = int(histories.shape[1]) if histories is not None and histories.dim() == 2 else 0
-    dtype_code = _FLOAT_DTYPES.index(queries.dtype) if queries.dtype in _FLOAT_DTYPES else -1
-
-    # ---- 1. headers: validate collectively, learn the batch sizes -------------------------
-    header = torch.tensor(
-        [
-            0 if problems else 1, b, hist_len, d, dtype_code, row_offset, n_local, num_rows,
-            topk, int(mask_history), max_k, TIE_RULES.index(ties), _problem_kinds(problems),
-        ],
-        dtype=torch.long,
-        device=device,
-    )
+    header = _make_header(problems, b=b, hist_len=hist_len, queries=queries, item_block=item_block,
+                          row_offset=row_offset, num_rows=num_rows, topk=topk,
+                          mask_history=mask_history, max_k=max_k, ties=ties)
     headers = _exchange_headers(header, problems, world, group, num_rows, "rank_targets")
-
     sizes = [int(s) for s in headers[:, _H_B].tolist()]
     total = sum(sizes)
     first_user = sum(sizes[:rank])
     dtype = queries.dtype
-    empty_long = torch.zeros(0, dtype=torch.long, device=device)
-
     if total == 0:  # nobody has users: identical decision on every rank, no more collectives
-        zeros_hist = torch.zeros(max_k, dtype=torch.long)
-        return RankResult(
-            ranks=empty_long,
-            ties_count=empty_long,
-            target_scores=torch.zeros(0, dtype=dtype, device=device),
-            ks=ks,
-            ties=ties,
-            local_rank_hist=zeros_hist,
-            local_tied={},
-            num_local_users=0,
-            num_users=0,
-            metrics=metrics_from_histogram(zeros_hist, 0, ks),
-            topk_ids=torch.zeros(0, topk, dtype=torch.long, device=device) if topk else None,
-            topk_scores=torch.zeros(0, topk, dtype=dtype, device=device) if topk else None,
-        )
+        return _empty_result(ks, ties, max_k, topk, dtype, device)
 
     # ---- 2. gather queries, targets (+ histories) -----------------------------------------
-    queries = queries.to(device)
-    targets = targets.to(device=device, dtype=torch.long)
-    if histories is not None:
-        l_max = int(headers[:, _H_L].max())
-        padded_hist = torch.zeros(b, l_max, dtype=torch.long, device=device)
-        padded_hist[:, :hist_len] = histories.to(torch.long)
-        ids_local = torch.cat([targets[:, None], padded_hist], dim=1)
-    else:
-        ids_local = targets[:, None]
-    if world > 1:
-        q_all = gather_rows(queries.detach(), sizes, group)
-        ids_all = gather_rows(ids_local, sizes, group)
-    else:
-        q_all = queries.contiguous()
-        ids_all = ids_local
-    t_all = ids_all[:, 0].contiguous()
-    h_all = ids_all[:, 1:].contiguous() if histories is not None else None
+    q_all, t_all, h_all = _gather_targets(queries, targets, histories, headers, sizes, group,
+                                          world, device)
 
     # ---- 3. first pass: target scores from the owner's score matrices --------------------
-    lo = int(row_offset)
-    chunks = [(c0, min(c0 + item_chunk, n_local)) for c0 in range(0, n_local, item_chunk)]
-    local_pos = t_all - lo
-    owned = (local_pos >= 0) & (local_pos < n_local)
-    owned_users = owned.nonzero().squeeze(1)
-    chunk_of_user = torch.div(local_pos[owned_users], item_chunk, rounding_mode="floor")
-    target_chunks = sorted(set(chunk_of_user.tolist()))
+    passes = _ChunkPasses(q_all, item_block, row_offset, item_chunk, t_all[:, None], None, dtype,
+                          score_cache_bytes)
+    t_scores = passes.target_scores((total, 1), group, world)[:, 0]
 
-    t_scores = torch.zeros(total, dtype=dtype, device=device)
-    cache: dict[int, torch.Tensor] = {}
-    cache_used = 0
-    for ci in target_chunks:
-        c0, c1 = chunks[ci]
-        s = _scores(q_all, item_block, c0, c1, dtype)
-        users = owned_users[chunk_of_user == ci]
-        t_scores[users] = s[users, local_pos[users] - c0]
-        nbytes = s.numel() * s.element_size()
-        if cache_used + nbytes <= score_cache_bytes:
-            cache[ci] = s
-            cache_used += nbytes
-    if world > 1:
-        # Zero everywhere except at the owner of each target: the sum is exact.
-        dist.all_reduce(t_scores, op=dist.ReduceOp.SUM, group=group)
-
-    # ---- 4. second pass: count strictly higher candidates (+ local top-k) -----------------
-    counts = torch.zeros(total, dtype=torch.long, device=device)
-    equal = torch.zeros(total, dtype=torch.long, device=device)
-    mismatch = torch.zeros(1, dtype=torch.long, device=device)
-    nonfinite = torch.zeros(1, dtype=torch.long, device=device)
-    threshold = t_scores[:, None]
-    run_vals = torch.full((total, topk), float("-inf"), dtype=dtype, device=device)
-    run_ids = torch.full((total, topk), -1, dtype=torch.long, device=device)
-    target_col = t_all[:, None]
-    for ci, (c0, c1) in enumerate(chunks):
-        s = cache.pop(ci, None)
-        if s is None:
-            s = _scores(q_all, item_block, c0, c1, dtype)
-            if ci in target_chunks:  # recomputed: must reproduce the shared target scores
-                users = owned_users[chunk_of_user == ci]
-                again = s[users, local_pos[users] - c0]
-                mismatch += (again != t_scores[users]).sum()
-        first_id = lo + c0
-        width = c1 - c0
-        is_target = _positions_mask(target_col, first_id, width)
-        masked = torch.zeros_like(is_target)
-        if h_all is not None:
-            masked |= _positions_mask(h_all, first_id, width)
-        if first_id == 0:
-            masked[:, 0] = True  # padding row
-        masked &= ~is_target  # the target is never masked ...
-        excluded = masked | is_target  # ... but it never counts against itself
-        counts += ((s > threshold) & ~excluded).sum(dim=1)
-        equal += ((s == threshold) & ~excluded).sum(dim=1)
-        nonfinite += (~torch.isfinite(s)).sum()
-        if topk > 0:
-            cand = s.masked_fill(masked, float("-inf"))
-            vals, ids = _topk_in_chunk(cand, first_id, topk)
-            run_vals, run_ids = _merge_topk(
-                torch.cat([run_vals, vals], dim=1), torch.cat([run_ids, ids], dim=1), topk
-            )
-        del s
-
-    packed = torch.cat([counts, equal, mismatch, nonfinite])
-    if world > 1:
-        dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
-    if int(packed[-1]) != 0:
-        raise ValueError(
-            f"rank_targets: {int(packed[-1])} scores are NaN/inf (finite queries and rows whose "
-            f"dot products overflow {dtype}); refusing to rank them"
-        )
-    if int(packed[-2]) != 0:
-        raise RuntimeError(
-            "rank_targets: recomputed score chunks did not reproduce the target scores "
-            f"({int(packed[-2])} mismatches): the matmul is not deterministic here; raise "
-            "score_cache_bytes so that the first-pass scores are reused"
-        )
+    # ---- 4. second pass: count strictly higher / tied candidates (+ local top-k) ----------
+    counts, equal, top = _count_candidates(passes, t_scores, t_all, h_all, topk)
+    packed = passes.reduce_counts([counts, equal], "rank_targets", group, world)
     all_ranks, all_equal = packed[:total], packed[total:2 * total]
     own = slice(first_user, first_user + b)
     ranks = all_ranks[own].clone()
     ties_count = all_equal[own].clone()
 
     # ---- 5. merge the per-rank top-k lists ------------------------------------------------
-    topk_ids: torch.Tensor | None = None
-    topk_scores: torch.Tensor | None = None
-    if topk > 0:
-        if world > 1:
-            g_vals = stack_over_ranks(run_vals, group)[:, own]
-            g_ids = stack_over_ranks(run_ids, group)[:, own]
-            # (world, b, k) -> (b, world * k)
-            g_vals = g_vals.permute(1, 0, 2).reshape(b, world * topk)
-            g_ids = g_ids.permute(1, 0, 2).reshape(b, world * topk)
-            topk_scores, topk_ids = _merge_topk(g_vals, g_ids, topk)
-        else:
-            topk_scores, topk_ids = run_vals[own], run_ids[own]
-        topk_ids = topk_ids.contiguous()
-        topk_scores = topk_scores.contiguous()
+    topk_ids, topk_scores = top.merged(own, b, group, world) if top is not None else (None, None)
 
     # Every rank holds the ranks of *all* users after the all-reduce, so the global histogram
     # needs no further communication; each user appears exactly once in it.
