@@ -1,4 +1,6 @@
-"""``python -m launcher plan``: TorchRec's planner on meta tensors, per-rank memory, refusals.
+"""The capacity planner (``recsys_dist.sparse.planner``, CLI ``python -m launcher plan``):
+TorchRec's planner on the trainer's own table description (meta tensors), per-rank memory,
+refusals.
 
 What the 10% checks compare (100M items x d=128, fp32, row-wise Adagrad, 8 simulated 80 GiB
 GPUs, row-wise sharding):
@@ -24,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher import plan as P
+from recsys_dist.sparse import planner as P
 
 ROOT = Path(__file__).resolve().parent.parent
 GIB = 1 << 30
@@ -61,11 +63,95 @@ def test_per_rank_memory_matches_even_split(plan_100m: P.CapacityPlan) -> None:
 
 
 def test_optimizer_and_dtype_change_the_estimate() -> None:
-    adam = P.plan_capacity(10_000_000, 64, 4, 80 * GIB, optimizer="adam", dtype="fp16")
-    for r in adam.ranks:
-        assert r.weights_bytes == r.rows * 64 * 2
-        assert r.optimizer_bytes == 2 * r.weights_bytes
-        assert r.hbm_bytes >= 3 * r.weights_bytes
+    sgd = P.plan_capacity(10_000_000, 64, 4, 80 * GIB, optimizer="sgd", dtype="fp16")
+    adagrad = P.plan_capacity(10_000_000, 64, 4, 80 * GIB, dtype="fp16")
+    for r, a in zip(sgd.ranks, adagrad.ranks):
+        assert r.weights_bytes == a.weights_bytes == r.rows * 64 * 2
+        assert r.optimizer_bytes == 0 and sgd.table_optimizer_bytes == 0
+        assert a.optimizer_bytes == a.rows * 2  # one fp16 value per row, as TorchRec counts it
+        assert a.hbm_bytes - r.hbm_bytes == a.optimizer_bytes
+
+
+def test_planner_plans_the_trainers_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The planner builds and plans the table with the trainer's own functions (table.py),
+    and refuses what the trainer refuses with the trainer's error."""
+    import torch
+
+    from recsys_dist.config import SparseConfig
+    from recsys_dist.sparse import ShardedItemTable, check_sparse_config, spec, table
+
+    built, planned = [], []
+    item_collection, sharding_planner = table.item_collection, table.sharding_planner
+
+    def spy_collection(num_rows, dim, cfg, **kw):
+        ec = item_collection(num_rows, dim, cfg, **kw)
+        built.append((num_rows, dim, cfg.sharding, cfg.optimizer, ec.embedding_configs()))
+        return ec
+
+    def spy_planner(cfg, *args, **kw):
+        planned.append((cfg.sharding, cfg.optimizer))
+        return sharding_planner(cfg, *args, **kw)
+
+    monkeypatch.setattr(table, "item_collection", spy_collection)
+    monkeypatch.setattr(table, "sharding_planner", spy_planner)
+    plan = P.plan_capacity(1000, 16, 2, 80 * GIB, optimizer="sgd")
+
+    class Built(Exception):  # the trainer's table, planned: stop before sharding (no process group)
+        pass
+
+    def stop(*args, **kwargs):
+        raise Built
+
+    monkeypatch.setattr(table, "DistributedModelParallel", stop)
+    with pytest.raises(Built):
+        ShardedItemTable.create(1001, 16, SparseConfig(optimizer="sgd"), torch.device("cpu"), 8, seed=0)
+    (p_rows, p_dim, *p_cfg, p_tables), (t_rows, t_dim, *t_cfg, t_tables) = built
+    assert (p_rows, p_dim, p_cfg) == (t_rows, t_dim, t_cfg) == (plan.num_rows, 16, ["row_wise", "sgd"])
+    assert planned == [("row_wise", "sgd")] * 2
+    assert [(c.name, c.feature_names, c.num_embeddings, c.embedding_dim, c.data_type) for c in p_tables] \
+        == [(c.name, c.feature_names, c.num_embeddings, c.embedding_dim, c.data_type) for c in t_tables] \
+        == [(table.TABLE, [table.FEATURE], 1001, 16, c.data_type) for c in t_tables]
+    assert {ln.split("|")[0].strip() for ln in plan.plan_text.splitlines() if "rank:" in ln} == {table.TABLE}
+
+    # an optimizer (or combination) the trainer rejects: the same error, word for word
+    for sharding, optimizer in (("row_wise", "adam"), ("row_wise", "adamw"), ("table_wise", "adam"),
+                                ("replicated", "sgd")):
+        with pytest.raises(ValueError) as trainer:
+            check_sparse_config(SparseConfig(sharding=sharding, optimizer=optimizer))
+        with pytest.raises(ValueError) as planner:
+            P.plan_capacity(1000, 16, 2, 80 * GIB, sharding=sharding, optimizer=optimizer)
+        assert str(planner.value) == str(trainer.value)
+    with pytest.raises(ValueError, match="replicates the whole table"):  # accepted, not sharded
+        P.plan_capacity(1000, 16, 2, 80 * GIB, sharding="data_parallel", optimizer="adamw")
+
+    # the CLI offers exactly the trainer's sharded types and fused optimizers
+    from launcher.__main__ import build_parser
+
+    sub = next(a for a in build_parser()._subparsers._group_actions[0].choices["plan"]._actions
+               if a.dest == "optimizer")
+    assert tuple(sub.choices) == spec.FUSED_OPTIMIZERS and "adam" not in sub.choices
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["plan", "--items", "10", "--dim", "8", "--gpus", "1",
+                                   "--gpu-mem", "1GiB", "--optimizer", "adam"])
+
+
+def test_names_are_declared_once() -> None:
+    """No second copy of the table/feature names, sharding types or optimizer lists: neither
+    the CLI nor the planner spells them; the launcher's parser does not import torchrec."""
+    import ast
+
+    from recsys_dist.sparse import spec
+
+    names = {"item", "adam", *spec.SHARDINGS, *spec.FUSED_OPTIMIZERS, *spec.DENSE_OPTIMIZERS}
+    for path, allowed in ((ROOT / "launcher" / "plan.py", set()),
+                          (ROOT / "recsys_dist" / "sparse" / "planner.py", set(spec.SHARDED))):
+        consts = {n.value for n in ast.walk(ast.parse(path.read_text()))
+                  if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+        assert not (consts & names) - allowed, (path, consts & names)
+    out = subprocess.run([sys.executable, "-c", "import sys, launcher.__main__; "
+                          "sys.exit('torchrec' in sys.modules)"], cwd=ROOT, timeout=120,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert out.returncode == 0, "building the launcher's parser imported torchrec"
 
 
 def test_refuses_plan_that_does_not_fit() -> None:

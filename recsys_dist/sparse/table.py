@@ -1,7 +1,10 @@
 """The item table: one TorchRec ``EmbeddingCollection`` sharded by the planner, wrapped in
 ``DistributedModelParallel`` with a fused (in-backward) optimizer -- the default, for large
 catalogs -- or, for small ones, replicated on every rank and stepped by a torch optimizer
-(``sparse.sharding: data_parallel``, below).
+(``sparse.sharding: data_parallel``, below). ``item_collection`` (the table on the meta device,
+its optimizer attached) and ``sharding_planner`` (TorchRec's planner restricted to the
+configured sharding and kernel) are the one description of it: ``create`` and the capacity
+planner (``planner.py``) both build on them; which configurations it accepts is ``spec.py``.
 
 Ids are global item ids 0..num_rows-1 with row 0 the padding row: it is never looked up (the
 caller sends only real ids, as jagged values), so it stays exactly zero and is never trained.
@@ -44,53 +47,20 @@ from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.types import ShardingPlan, ShardingType
+from torchrec.modules.embedding_configs import DataType
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import KeyedOptimizerWrapper
 
 from recsys_dist.config import SparseConfig, stream_seed
 from recsys_dist.distributed import max_over_ranks, multi_rank, rank_and_world, row_range
+from recsys_dist.sparse.spec import REPLICATED, SHARDINGS, check_sparse_config
 
 log = logging.getLogger("recsys_dist.sparse")
 
 TABLE = "item"
 FEATURE = "item"
 WEIGHT = f"embeddings.{TABLE}.weight"  # the table's FQN in the DMP state dict and named_parameters
-SHARDING_TYPES = {
-    "row_wise": ShardingType.ROW_WISE.value,
-    "table_wise": ShardingType.TABLE_WISE.value,
-    "column_wise": ShardingType.COLUMN_WISE.value,
-    "data_parallel": ShardingType.DATA_PARALLEL.value,  # replicated: small catalogs
-}
-REPLICATED = "data_parallel"
-FUSED_OPTIMIZERS = ("rowwise_adagrad", "sgd")  # sharded tables: fbgemm's fused kernels (CPU: these two)
-DENSE_OPTIMIZERS = ("adamw", "rowwise_adagrad", "sgd")  # the replicated table: torch optimizers
-
-
-
-def check_sparse_config(cfg: SparseConfig) -> None:
-    """Raise ValueError for a sharding / optimizer combination the table cannot train with."""
-    if cfg.sharding not in SHARDING_TYPES:
-        raise ValueError(f"unknown sparse.sharding '{cfg.sharding}' ({' | '.join(SHARDING_TYPES)})")
-    weight_decay = float(cfg.weight_decay)
-    if cfg.sharding == REPLICATED:
-        if cfg.optimizer not in DENSE_OPTIMIZERS:
-            raise ValueError(f"unknown sparse.optimizer '{cfg.optimizer}' for sparse.sharding=data_parallel "
-                             f"({' | '.join(DENSE_OPTIMIZERS)})")
-        if weight_decay != 0.0 and cfg.optimizer != "adamw":
-            raise ValueError(f"sparse.weight_decay={weight_decay} is AdamW's (decoupled) weight decay; "
-                             f"sparse.optimizer={cfg.optimizer} has none: set sparse.weight_decay=0")
-        return
-    if cfg.optimizer == "adamw":
-        raise ValueError(f"sparse.optimizer=adamw needs sparse.sharding=data_parallel (a replicated table, "
-                         f"stepped by torch's AdamW after the backward); a {cfg.sharding}-sharded table is "
-                         f"trained by TorchRec's fused in-backward kernel, which here supports only "
-                         f"{' | '.join(FUSED_OPTIMIZERS)}")
-    if cfg.optimizer not in FUSED_OPTIMIZERS:
-        raise ValueError(f"unknown sparse.optimizer '{cfg.optimizer}' for sparse.sharding={cfg.sharding} "
-                         f"({' | '.join(FUSED_OPTIMIZERS)}; adamw needs sparse.sharding=data_parallel)")
-    if weight_decay != 0.0:
-        raise ValueError(f"sparse.weight_decay={weight_decay} applies only to sparse.optimizer=adamw "
-                         f"(sparse.sharding=data_parallel): set sparse.weight_decay=0")
+SHARDING_TYPES = {name: ShardingType(name).value for name in SHARDINGS}  # sparse.sharding -> TorchRec's
 
 
 def _optimizer(cfg: SparseConfig) -> tuple[type, dict]:
@@ -126,22 +96,53 @@ def _init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
-def plan_table(module: nn.Module, cfg: SparseConfig, world_size: int, device: torch.device,
-               batch_size: int, group: dist.ProcessGroup | None = None) -> ShardingPlan:
-    """Ask TorchRec's planner for a plan restricted to the configured sharding type and its
-    kernel: fused for sharded tables (the only one the CPU path supports for them), dense for
-    the replicated (data-parallel) one."""
+def item_collection(num_rows: int, dim: int, cfg: SparseConfig,
+                    data_type: DataType = DataType.FP32) -> EmbeddingCollection:
+    """The item table as the trainer builds it, on the meta device (nothing allocated): one
+    ``EmbeddingCollection``, table ``TABLE`` looked up by feature ``FEATURE``, ``num_rows`` x
+    ``dim``; a sharded table carries its fused in-backward optimizer (the planner reads it off
+    the parameter), a replicated one none (``create`` steps it with a torch optimizer).
+    ``data_type``: the weights' dtype (the trainer's tables are fp32; the planner asks what-ifs)."""
+    check_sparse_config(cfg)
+    ec = EmbeddingCollection(
+        tables=[EmbeddingConfig(name=TABLE, embedding_dim=dim, num_embeddings=num_rows,
+                                feature_names=[FEATURE], data_type=data_type)],
+        device=torch.device("meta"))
+    if cfg.sharding != REPLICATED:
+        opt_cls, opt_kwargs = _optimizer(cfg)
+        apply_optimizer_in_backward(opt_cls, ec.parameters(), opt_kwargs)
+    return ec
+
+
+def sharders() -> list[EmbeddingCollectionSharder]:
+    """How the table is sharded (an ``EmbeddingCollection``): for the planner and DMP alike."""
+    return [EmbeddingCollectionSharder()]
+
+
+def sharding_planner(cfg: SparseConfig, topology: Topology, batch_size: int,
+                     pooling_factor: float | None = None, **kwargs) -> EmbeddingShardingPlanner:
+    """TorchRec's planner restricted to the configured sharding type and its kernel: fused for
+    sharded tables (the only one the CPU path supports for them), dense for the replicated
+    (data-parallel) one. ``pooling_factor``: ids per sample (TorchRec's default otherwise);
+    ``kwargs`` go to ``EmbeddingShardingPlanner`` (e.g. ``storage_reservation``)."""
     check_sparse_config(cfg)
     kernel = EmbeddingComputeKernel.DENSE if cfg.sharding == REPLICATED else EmbeddingComputeKernel.FUSED
+    extra = {} if pooling_factor is None else {"pooling_factors": [float(pooling_factor)]}
     constraints = {TABLE: ParameterConstraints(sharding_types=[SHARDING_TYPES[cfg.sharding]],
-                                               compute_kernels=[kernel.value])}
-    planner = EmbeddingShardingPlanner(
-        topology=Topology(world_size=world_size, compute_device=device.type),
-        constraints=constraints, batch_size=batch_size)
-    sharder = EmbeddingCollectionSharder()
+                                               compute_kernels=[kernel.value], **extra)}
+    return EmbeddingShardingPlanner(topology=topology, constraints=constraints, batch_size=batch_size,
+                                    **kwargs)
+
+
+def plan_table(module: nn.Module, cfg: SparseConfig, world_size: int, device: torch.device,
+               batch_size: int, group: dist.ProcessGroup | None = None) -> ShardingPlan:
+    """The trainer's sharding plan for ``module`` (``item_collection``) on ``world_size`` ranks
+    (a collective plan when several ranks run)."""
+    planner = sharding_planner(cfg, Topology(world_size=world_size, compute_device=device.type),
+                               batch_size)
     if group is not None or (multi_rank() and world_size > 1):
-        return planner.collective_plan(module, [sharder], group or dist.GroupMember.WORLD)
-    return planner.plan(module, [sharder])
+        return planner.collective_plan(module, sharders(), group or dist.GroupMember.WORLD)
+    return planner.plan(module, sharders())
 
 
 @dataclass
@@ -167,19 +168,13 @@ class ShardedItemTable:
         check_sparse_config(cfg)  # before anything is built
         set_gradient_division(True)  # average, not sum, the table gradients over ranks (see above)
         rank, world = rank_and_world()
-        ec = EmbeddingCollection(
-            tables=[EmbeddingConfig(name=TABLE, embedding_dim=dim, num_embeddings=num_rows,
-                                    feature_names=[FEATURE])],
-            device=torch.device("meta"))
-        opt_cls, opt_kwargs = _optimizer(cfg)
+        ec = item_collection(num_rows, dim, cfg)
         replicated = cfg.sharding == REPLICATED
-        if not replicated:
-            apply_optimizer_in_backward(opt_cls, ec.parameters(), opt_kwargs)
         plan = plan_table(ec, cfg, world, device, batch_size)
-        dmp = DistributedModelParallel(ec, device=device, plan=plan,
-                                       sharders=[EmbeddingCollectionSharder()])
+        dmp = DistributedModelParallel(ec, device=device, plan=plan, sharders=sharders())
         optimizer = None
         if replicated:
+            opt_cls, opt_kwargs = _optimizer(cfg)
             # TorchRec's recipe for parameters without an in-backward optimizer: a keyed torch
             # optimizer over DMP's named parameters (here: the one table replica)
             params = {WEIGHT: dict(dmp.named_parameters())[WEIGHT]}

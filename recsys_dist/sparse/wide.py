@@ -186,8 +186,7 @@ class WideLayers:
 
     def sum_columns(self, per_user_block_sum: torch.Tensor) -> torch.Tensor:
         """(B,) per-user sums over this rank's columns -> sums over all N columns (differentiable)."""
-        _, world = rank_and_world(self.group)
-        return sum_over_ranks(per_user_block_sum, self.group) if world > 1 else per_user_block_sum
+        return sum_over_ranks(per_user_block_sum, self.group)
 
 
 def jagged_to_padded(offsets: torch.Tensor, values: torch.Tensor, width: int | None = None,
