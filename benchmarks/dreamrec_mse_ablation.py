@@ -1,7 +1,7 @@
 """Why MSE-only DreamRec stays near random on Zhihu here: the table optimizer and the
 architecture details, one process, one table, no sharding.
 
-    PYTHONPATH=. python benchmarks/dreamrec_mse_ablation.py              # the 4 rows in the README, ~14 min on 2 cores
+    PYTHONPATH=. python benchmarks/dreamrec_mse_ablation.py              # the 4 rows in docs/results.md, ~14 min on 2 cores
     PYTHONPATH=. python benchmarks/dreamrec_mse_ablation.py --variants shipped --epochs 5
 
 Every variant trains ``recsys_dist.models.DreamRec`` with the papers' loss (x0 MSE only, no

@@ -163,11 +163,13 @@ def make_trainer(name: str, manifest: dict, device):
 
 
 def time_trainer(engine, table, batches, warmup: int, loss: str, step0: int) -> dict:
+    from recsys_dist.train.catalog_loss import build_catalog_loss
     from recsys_dist.train.step import train_step
+    catalog_loss = build_catalog_loss(loss, table, engine.module)
     times = []
     for i, b in enumerate(batches):
         t = time.perf_counter()
-        train_step(engine, table, b["history"], b["target"], step0 + i, 0, loss)
+        train_step(engine, table, b["history"], b["target"], step0 + i, 0, catalog_loss)
         times.append(time.perf_counter() - t)
     timed = times[warmup:]
     return {"s_per_step": sum(timed) / len(timed), "samples_per_s": BATCH * len(timed) / sum(timed),
@@ -176,7 +178,9 @@ def time_trainer(engine, table, batches, warmup: int, loss: str, step0: int) -> 
 
 def time_live(engine, table, url: str, workers: int, warmup: int, steps: int, loss: str) -> dict:
     """The trainer fed by a live DataLoader: data waits included, loader and trainer share the CPU."""
+    from recsys_dist.train.catalog_loss import build_catalog_loss
     from recsys_dist.train.step import train_step
+    catalog_loss = build_catalog_loss(loss, table, engine.module)
     it = iter(loader(url, workers, shuffle_seed=1))
     wait = 0.0
     for i in range(warmup + steps):
@@ -185,7 +189,7 @@ def time_live(engine, table, url: str, workers: int, warmup: int, steps: int, lo
         tw = time.perf_counter()
         b = next(it)
         wait += time.perf_counter() - tw
-        train_step(engine, table, b["history"], b["target"], 10_000 + i, 0, loss)
+        train_step(engine, table, b["history"], b["target"], 10_000 + i, 0, catalog_loss)
     dt = time.perf_counter() - t0
     del it
     return {"samples_per_s": steps * BATCH / dt, "s_per_step": dt / steps, "data_wait_frac": wait / dt}

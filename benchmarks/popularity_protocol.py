@@ -29,7 +29,7 @@ ROWS = [  # (label, ties, mask, masked set)
 
 def popularity_rows(dataset: str) -> list[tuple[str, dict[str, float]]]:
     from recsys_dist.config import load_config
-    from recsys_dist.train.loop import ensure_shards, load_item_counts, make_loader
+    from recsys_dist.train.data import ensure_shards, load_item_counts, make_loader
     from recsys_dist.train.validate import evaluate_popularity
 
     cfg = load_config(Path("configs/datasets") / f"{dataset}.yaml")

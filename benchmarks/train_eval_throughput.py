@@ -1,6 +1,6 @@
 """Training and full-catalog evaluation throughput, each model at its official code's configuration.
 
-Run on 2 ranks (what the README reports):
+Run on 2 ranks (what docs/benchmarks.md reports):
 
     torchrun --standalone --nproc-per-node 2 benchmarks/train_eval_throughput.py
 
@@ -60,7 +60,7 @@ def main() -> None:
     from recsys_dist.sparse import ShardedItemTable
     from recsys_dist.distributed import init_distributed, pick_device, seed_everything
     from recsys_dist.train.engine import build_engine
-    from recsys_dist.train.loop import make_loader, ensure_shards
+    from recsys_dist.train.data import ensure_shards, make_loader
     from recsys_dist.train.report import setup_logging
     from recsys_dist.train.step import train_step
     from recsys_dist.train.validate import evaluate_model

@@ -4,7 +4,7 @@ Commands:
   prepare   build WebDataset shards + manifest for a job's dataset
   train     train + evaluate a job on N ranks (torchrun, the deepspeed launcher, or in-process)
   demo      the README's main job: DiffuRec and SASRec on ML-1M, 2 CPU ranks, one table
-  compare   every model x dataset under one protocol -> one markdown table (and the README)
+  compare   every model x dataset under one protocol -> one markdown table (and docs/results.md)
   reproduce one reproduction table (configs/reproduce/<table>.yaml), every row over training seeds
   plan      capacity planner: TorchRec's planner shards the item table over N simulated GPUs
 """
@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                    default=["sasrec", "gru4rec", "diffurec", "dreamrec", "dreamrec-gce", "areal", "areal-gce", "dimerec"])
     p.add_argument("--nproc-per-node", type=int, default=2)
     p.add_argument("--reuse", action="store_true", help="reuse runs/<name>/metrics.json when present")
-    p.add_argument("--readme", action="store_true", help="also replace the table between the README's compare markers")
+    p.add_argument("--readme", action="store_true", help="also replace the table between the compare markers of docs/results.md")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="applied to every job")
     p.set_defaults(func=commands.compare)
 

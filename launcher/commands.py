@@ -17,7 +17,7 @@ METRIC_COLUMNS = ["HR@5", "HR@10", "HR@20", "HR@50", "NDCG@5", "NDCG@10", "NDCG@
 
 def prepare(args) -> int:
     """Build the shards of a job's dataset (idempotent)."""
-    from recsys_dist.train.loop import build_job_shards
+    from recsys_dist.train.data import build_job_shards
     from shards import summarize
 
     cfg = load_config(args.config, args.overrides)
@@ -231,7 +231,7 @@ def compare(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare.md").write_text(text + "\n")
     if args.readme:
-        readme = REPO_ROOT / "README.md"
+        readme = REPO_ROOT / "docs" / "results.md"
         body = readme.read_text()
         if README_BEGIN in body and README_END in body:
             head, rest = body.split(README_BEGIN, 1)

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 import yaml
 
+from recsys_dist.models import MODEL_CONFIGS, ModelConfig, model_config
 from recsys_dist.models.diffrec import DiffRecConfig
 from shards.source import SourceConfig
 
@@ -74,42 +75,6 @@ class DataConfig:
         suffix = "" if self.train_prefixes_per_user is None else f"-p{self.train_prefixes_per_user}"
         suffix += "" if self.source.max_users is None else f"-u{self.source.max_users}"
         return str(REPO_ROOT / "shards_out" / f"{self.dataset}-v2{suffix}")
-
-
-@dataclass
-class ModelConfig:
-    """Dense model: which builder and its hyperparameters."""
-
-    name: str = "diffurec"  # diffurec | sasrec | gru4rec | dreamrec | areal | dimerec | diffrec (section diffrec:)
-    dim: int = 64  # embedding and hidden size
-    num_blocks: int = 2
-    num_heads: int = 2
-    dropout: float = 0.1  # inside Transformer blocks
-    emb_dropout: float = 0.3  # on item embeddings (DiffuRec paper: 0.3)
-    # diffusion (DiffuRec)
-    diffusion_steps: int = 32
-    schedule: str = "trunc_linear"
-    lambda_uncertainty: float = 0.001  # lambda ~ N(value, value) per history item (per dimension: official)
-    diffurec_form: str = "official"  # official (lambda per dim, norm before noise + after encoder) | paper
-    dreamrec_form: str = "ours"  # DreamRec: ours | official (baiyimeng/DreamRec @ f77206d: its encoder, 192->64->64 denoiser, init, CFG, DDIM grid)
-    # guided denoisers (DreamRec, AREAL, DimeRec)
-    p_uncond: float = 0.1  # classifier-free guidance: probability of dropping the guidance
-    guidance_w: float = 2.0  # guidance strength w at sampling: (1 + w) f(c) - w f(null)
-    sample_steps: int = 20  # reverse steps at evaluation (DDIM when < diffusion_steps)
-    eta: float = 0.0  # DDIM eta (0 = deterministic; 1 with sample_steps = T = DDPM)
-    guidance_ce_weight: float = 0.0  # DreamRec/AREAL: + weight * CE(guidance c) over the catalog (0 = MSE only, the papers')
-    rank_by: str = "generated"  # DreamRec/AREAL at eval: generated (x0 from reverse diffusion) | guidance (c; ablation)
-    num_layers: int = 1  # GRU4Rec layers
-    # AREAL (MCRL encoder): Table 3 ablations are these switches
-    mcrl_use_cnn: bool = True  # multi-scale CNN branch (local features)
-    mcrl_use_lstm: bool = True  # residual LSTM branch (global features)
-    mcrl_local_weight: float = 0.3  # fusion weight of the local branch (global gets 1 - w); paper: 3:7
-    # DimeRec (GEM + DAM)
-    num_interests: int = 4  # K guidance vectors
-    gem: str = "model"  # model (self-attentive multi-interest) | rule (last-K items)
-    lambda_recon: float = 0.1  # weight of the reconstruction loss
-    mu_ssm: float = 1.0  # weight of the sampled-softmax loss on the denoised embedding
-    sphere: bool = True  # geodesic random walk on the unit sphere (False: Euclidean DDPM)
 
 
 @dataclass
@@ -189,13 +154,15 @@ class JobConfig:
     name: str = "ml1m-diffurec"
     output_dir: str = "runs"
     data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    # the named model's own config (its dataclass next to its code, recsys_dist/models/):
+    # ``model.name`` picks the class, the other fields are that model's
+    model: ModelConfig = field(default_factory=model_config)
     sparse: SparseConfig = field(default_factory=SparseConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     # DiffRec / T-DiffRec (model.name: diffrec): the model's own config, next to its code
-    # (recsys_dist/models/diffrec.py). Its lr / weight_decay / batch_size are the single-process
+    # (recsys_dist/models/diffrec/). Its lr / weight_decay / batch_size are the single-process
     # reference's; the job trains with train.lr, train.weight_decay, train.batch_size.
     diffrec: DiffRecConfig = field(default_factory=DiffRecConfig)
 
@@ -338,10 +305,32 @@ def _apply(obj: Any, updates: Any, where: str) -> None:
             if isinstance(current, SourceConfig) and {"path", "files"} & set(value):
                 current = type(current)()  # a source that names its files is a new source, not a patch
                 setattr(obj, key, current)
+            if isinstance(current, ModelConfig) and "name" in value:
+                current = _switch_model(current, value["name"], f"{where}{key}.name")
+                setattr(obj, key, current)
+                value = {k: v for k, v in value.items() if k != "name"}
             _apply(current, value, f"{where}{key}.")
         else:
             hint, label = types_[key]
             setattr(obj, key, _coerce(value, hint, where + key, label))
+
+
+def _switch_model(current: ModelConfig, name: Any, where: str) -> ModelConfig:
+    """The config of model ``name``; fields set (to a non-default value) on the previous model's
+    config carry over where the new model has them (a dataset file may set ``model.dim`` before
+    a model file names the model)."""
+    name = _coerce(name, str, where)
+    if name == current.name:
+        return current
+    if name not in MODEL_CONFIGS:
+        raise ConfigError(f"config field '{where}': unknown model {_short_repr(name)} "
+                          f"(known: {', '.join(sorted(MODEL_CONFIGS))})")
+    new = MODEL_CONFIGS[name]()
+    old_defaults = type(current)()
+    for f in dataclasses.fields(current):
+        if f.name != "name" and hasattr(new, f.name) and getattr(current, f.name) != getattr(old_defaults, f.name):
+            setattr(new, f.name, getattr(current, f.name))
+    return new
 
 
 def _yaml_problem(e: yaml.YAMLError) -> str:
@@ -424,11 +413,32 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: Sequence[
     return cfg
 
 
+#: the fields of the flat ``model:`` section before each model owned its config (every run up to
+#: then stored all of them, most unused by its model): :func:`config_from_dict` drops those the
+#: named model does not have
+LEGACY_MODEL_FIELDS = frozenset((
+    "name", "dim", "num_blocks", "num_heads", "dropout", "emb_dropout", "diffusion_steps", "schedule",
+    "lambda_uncertainty", "diffurec_form", "dreamrec_form", "p_uncond", "guidance_w", "sample_steps", "eta",
+    "guidance_ce_weight", "rank_by", "num_layers", "mcrl_use_cnn", "mcrl_use_lstm", "mcrl_local_weight",
+    "num_interests", "gem", "lambda_recon", "mu_ssm", "sphere"))
+
+
+def _migrate_model_section(data: dict[str, Any]) -> dict[str, Any]:
+    """A stored config's ``model`` section as the named model's config has it: fields of the
+    old flat section that the model does not have are dropped (they never reached it)."""
+    model = data.get("model")
+    if not isinstance(model, dict) or model.get("name", "diffurec") not in MODEL_CONFIGS:
+        return data
+    own = {f.name for f in dataclasses.fields(MODEL_CONFIGS[model.get("name", "diffurec")])}
+    return {**data, "model": {k: v for k, v in model.items() if k in own or k not in LEGACY_MODEL_FIELDS}}
+
+
 def config_from_dict(data: dict[str, Any]) -> JobConfig:
-    """Rebuild a JobConfig from ``to_dict()`` output (e.g. stored in a checkpoint or metrics);
+    """Rebuild a JobConfig from ``to_dict()`` output (e.g. stored in a checkpoint or metrics),
+    including one written before each model owned its config (:data:`LEGACY_MODEL_FIELDS`);
     values are type-checked like a YAML file's (ConfigError)."""
     cfg = JobConfig()
-    _apply(cfg, data, "")
+    _apply(cfg, _migrate_model_section(data), "")
     return cfg
 
 
@@ -452,6 +462,10 @@ def stored_config_as_now(data: dict[str, Any]) -> dict[str, Any] | None:
     data = copy.deepcopy(data)
     for section, key, old in OLD_BEHAVIOUR:
         part = data.get(section)
+        if section == "model" and isinstance(part, dict):  # only where the named model has the field
+            known = MODEL_CONFIGS.get(part.get("name", "diffurec"))
+            if known is None or key not in {f.name for f in dataclasses.fields(known)}:
+                continue
         if isinstance(part, dict) and key not in part:
             part[key] = old
     try:

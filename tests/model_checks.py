@@ -3,6 +3,8 @@ random left-padded id batches, and the padding-never-changes-the-output check.""
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 
@@ -66,3 +68,12 @@ def train_tiny_next_item(model, table: torch.nn.Embedding, opt, loss_fn, steps: 
         opt.step()
         losses.append(loss.item())
     return losses
+
+
+def small_model_config(name: str, **fields):
+    """The config of model ``name`` with those of ``fields`` that it has (the model tests share
+    one set of small settings across models with different fields)."""
+    from recsys_dist.models import MODEL_CONFIGS, model_config
+
+    own = {f.name for f in dataclasses.fields(MODEL_CONFIGS[name])}
+    return model_config(name, **{k: v for k, v in fields.items() if k in own})

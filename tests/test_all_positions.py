@@ -22,8 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from distributed_harness import run_distributed
-from model_checks import left_padded_batches
-from recsys_dist.config import ModelConfig
+from model_checks import left_padded_batches, small_model_config
 from recsys_dist.models import build_model
 
 CAUSAL = ["sasrec", "gru4rec"]
@@ -33,7 +32,7 @@ ML, MD = 12, 16  # model tests: history length, dim
 def _model(name, **kw):
     cfg = dict(name=name, dim=MD, num_heads=2, dropout=0.0, emb_dropout=0.0, diffusion_steps=8, sample_steps=4)
     cfg.update(kw)
-    return build_model(ModelConfig(**cfg), ML)
+    return build_model(small_model_config(**cfg), ML)
 
 
 def _inputs(seed=0):
@@ -156,8 +155,7 @@ def _train(model_name: str):
     device = torch.device("cpu")
     rank, world = init_distributed(device)
     cfg = JobConfig()
-    cfg.model.name, cfg.model.dim, cfg.model.num_heads = model_name, DIM, 2
-    cfg.model.dropout = cfg.model.emb_dropout = 0.0
+    cfg.model = small_model_config(model_name, dim=DIM, num_heads=2, dropout=0.0, emb_dropout=0.0)
     cfg.sparse.init_block_rows = 64
     cfg.sparse.optimizer, cfg.sparse.lr = "sgd", TABLE_LR  # plain SGD: a wrong gradient scale shows
     cfg.train.optimizer, cfg.train.lr, cfg.train.grad_clip = "sgd", DENSE_LR, 0.0
@@ -185,13 +183,14 @@ def _train(model_name: str):
     out["losses"] = torch.tensor(out["losses"])
     # one more step under the sampled softmax (candidates drawn for the global batch: the same
     # on any world size), in-batch negatives included
+    from recsys_dist.train.catalog_loss import SampledSoftmax
     from recsys_dist.train.negatives import NegativeSampler
 
     hist, target = _batches()[0]
     sampler = NegativeSampler(ROWS, counts=torch.ones(ROWS), kind="uniform")
     out["sampled_loss"] = train_step(engine, table, hist[rank * b:(rank + 1) * b], target[rank * b:(rank + 1) * b],
-                                     STEPS, seed=0, loss_name="sampled_softmax", num_negatives=64,
-                                     sampler=sampler, in_batch_negatives=True, objective="all_positions").item()
+                                     STEPS, seed=0, catalog_loss=SampledSoftmax(sampler, 64, 0, in_batch_negatives=True),
+                                     objective="all_positions").item()
     return out
 
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from distributed_harness import run_distributed
+from model_checks import small_model_config
 
 ROWS, DIM, L, GLOBAL_B = 203, 16, 8, 8
 
@@ -28,7 +29,7 @@ def _setup(overrides=()):
     device = torch.device("cpu")
     rank, world = init_distributed(device)
     cfg = JobConfig()
-    cfg.model.name, cfg.model.dim, cfg.model.num_heads, cfg.model.num_blocks = "sasrec", DIM, 2, 1
+    cfg.model = small_model_config("sasrec", dim=DIM, num_heads=2, num_blocks=1)
     cfg.train.batch_size = GLOBAL_B // world
     for key, value in overrides:
         obj = cfg

@@ -6,7 +6,7 @@ import pytest
 
 from recsys_dist.config import (REPO_ROOT, ConfigError, JobConfig, config_from_dict, load_config,
                                 parse_overrides, stored_config_as_now)
-from recsys_dist.models import MODELS, SET_MODELS
+from recsys_dist.models import MODEL_CONFIGS
 
 CONFIGS = sorted(p for p in (REPO_ROOT / "configs").glob("*.yaml"))
 
@@ -14,7 +14,7 @@ CONFIGS = sorted(p for p in (REPO_ROOT / "configs").glob("*.yaml"))
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_shipped_configs_load(path: Path):
     cfg = load_config(path)
-    assert cfg.model.name in MODELS or cfg.model.name in SET_MODELS
+    assert isinstance(cfg.model, MODEL_CONFIGS[cfg.model.name])
     assert cfg.name == path.stem.replace("_", "-")
 
 
@@ -146,3 +146,49 @@ def test_stored_configs_are_type_checked():
     assert stored_config_as_now(stored) is None
     assert stored_config_as_now({"train": 5}) is None
     assert stored_config_as_now({"train": {"gone": 1}}) is None
+
+
+# The flat ``model:`` section every run stored before each model owned its config (26 fields,
+# their defaults then), as an earlier metrics.json / checkpoint holds it.
+FLAT_MODEL_SECTION = {
+    "name": "diffurec", "dim": 64, "num_blocks": 2, "num_heads": 2, "dropout": 0.1, "emb_dropout": 0.3,
+    "diffusion_steps": 32, "schedule": "trunc_linear", "lambda_uncertainty": 0.001, "diffurec_form": "official",
+    "dreamrec_form": "ours", "p_uncond": 0.1, "guidance_w": 2.0, "sample_steps": 20, "eta": 0.0,
+    "guidance_ce_weight": 0.0, "rank_by": "generated", "num_layers": 1, "mcrl_use_cnn": True,
+    "mcrl_use_lstm": True, "mcrl_local_weight": 0.3, "num_interests": 4, "gem": "model", "lambda_recon": 0.1,
+    "mu_ssm": 1.0, "sphere": True}
+
+
+@pytest.mark.parametrize("overrides", [
+    ["model.name=sasrec", "model.num_blocks=3", "model.dropout=0.2"],
+    ["model.name=gru4rec", "model.num_layers=2"],
+    ["model.name=dreamrec", "model.dreamrec_form=official", "model.guidance_w=1.0"],
+    ["model.name=dimerec", "model.num_interests=2"],
+    ["model.name=diffurec", "model.lambda_uncertainty=0.01"],
+])
+def test_configs_stored_with_the_flat_model_section_still_load(overrides):
+    """Migration: an old store (every model field, most unused) reads as the named model's own
+    config with the values it had, and compares equal to the same job written today."""
+    import json
+
+    now = load_config(None, overrides)
+    old = json.loads(json.dumps(now.to_dict()))
+    flat = dict(FLAT_MODEL_SECTION)
+    flat.update(old["model"])  # the run's own values over the old defaults of the other fields
+    old["model"] = flat
+    assert set(flat) > set(now.to_dict()["model"])  # it really stored fields its model lacks
+    assert config_from_dict(old) == now
+    assert stored_config_as_now(old) == now.to_dict()
+
+
+def test_each_model_stores_only_its_own_fields():
+    sasrec = load_config(None, ["model.name=sasrec"]).to_dict()["model"]
+    assert set(sasrec) == {"name", "dim", "num_blocks", "num_heads", "dropout", "emb_dropout"}
+    with pytest.raises(ConfigError, match=r"unknown config field 'model\.num_interests'"):
+        load_config(None, ["model.name=sasrec", "model.num_interests=2"])
+    with pytest.raises(ConfigError, match=r"'model\.name': unknown model 'nope'"):
+        load_config(None, ["model.name=nope"])
+    # a value set before the model is named carries over where the model has the field
+    assert load_config(None, ["model.dim=32", "model.num_heads=4", "model.name=sasrec"]).model.num_heads == 4
+    with pytest.raises(ConfigError, match=r"unknown config field 'model\.num_heads'"):
+        load_config(None, ["model.num_heads=4", "model.name=gru4rec"])  # a GRU has no heads

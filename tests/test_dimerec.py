@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from recsys_dist.config import ModelConfig
+from recsys_dist.models import model_config
 from recsys_dist.diffusion import GaussianDiffusion, NoiseSchedule
 from recsys_dist.diffusion.sphere import (equator_scale, exp_map, geodesic_random_walk, l2_normalize,
                                           sphere_ddim_sample, sphere_ddim_step, sphere_ddpm_sample,
@@ -233,7 +233,7 @@ def test_every_parameter_gets_a_gradient(gem, sphere, num_blocks):
 
 
 def test_builds_from_model_config_fields():
-    c = ModelConfig(name="dimerec", dim=D, num_heads=2, diffusion_steps=T, sample_steps=4)
+    c = model_config(name="dimerec", dim=D, num_heads=2, diffusion_steps=T, sample_steps=4)
     model = DimeRec(c.dim, L, c.num_blocks, c.num_heads, c.dropout, c.emb_dropout, c.diffusion_steps,
                     c.schedule, c.sample_steps, c.num_interests, c.gem, c.lambda_recon, c.mu_ssm, c.sphere)
     assert model.uses_scorer and model.K == c.num_interests and model.sphere is c.sphere

@@ -5,7 +5,8 @@ padding, and that it trains. ``configs/zhihu_dreamrec.yaml`` is its recipe."""
 import pytest
 import torch
 
-from recsys_dist.config import REPO_ROOT, ModelConfig, load_config
+from recsys_dist.config import REPO_ROOT, load_config
+from recsys_dist.models import model_config
 from recsys_dist.models import build_model
 from recsys_dist.models.dreamrec import DreamRec
 from model_checks import assert_padding_is_ignored, dense_inputs, train_tiny_next_item
@@ -58,7 +59,7 @@ def test_zhihu_config_is_the_official_form_and_its_cfg_is_2_cond_minus_uncond():
 
 def test_ours_keeps_the_one_plus_w_convention():
     """guidance_w 2 in this project's convention is 3 cond - 2 uncond (what the official cfg_scale 3 would be)."""
-    model = build_model(ModelConfig(name="dreamrec", dim=D, diffusion_steps=8, sample_steps=4, guidance_w=2.0), L)
+    model = build_model(model_config(name="dreamrec", dim=D, diffusion_steps=8, sample_steps=4, guidance_w=2.0), L)
     assert model.form == "ours"
     cond, uncond = torch.randn(3, D), torch.randn(3, D)
     assert torch.allclose(model.cfg(cond, uncond), 3 * cond - 2 * uncond, atol=1e-6)

@@ -18,7 +18,7 @@ DATA = Path(default_data_dir()) / "ml-1m" / "raw" / "diffurec" / "interactions.t
 
 def _fit(overrides: list[str]):
     from recsys_dist.config import load_config
-    from recsys_dist.train.loop import fit
+    from recsys_dist.train.trainer import fit
 
     out = fit(load_config(str(REPO_ROOT / "configs/models/sasrec.yaml"), overrides))
     return {k: out[k] for k in ("steps", "steps_per_epoch", "epochs", "stopped_early", "validation", "selected_step")}

@@ -4,9 +4,8 @@ reach every parameter."""
 import pytest
 import torch
 
-from recsys_dist.config import ModelConfig
-from model_checks import assert_padding_is_ignored, dense_inputs, train_tiny_next_item
-from recsys_dist.models import MODELS, DiffuRec, build_model
+from model_checks import assert_padding_is_ignored, dense_inputs, train_tiny_next_item, small_model_config
+from recsys_dist.models import SEQUENCE_MODELS, DiffuRec, build_model
 
 L, D = 12, 16
 
@@ -18,14 +17,14 @@ def _inputs(seed=0):
 def _model(name, **kw):
     cfg = dict(name=name, dim=D, num_heads=2, dropout=0.0, emb_dropout=0.0, diffusion_steps=8, sample_steps=4)
     cfg.update(kw)
-    return build_model(ModelConfig(**cfg), L)
+    return build_model(small_model_config(**cfg), L)
 
 
 def _scorer(q):
     return q.square().mean()  # any function of the queries stands in for the catalog CE
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", sorted(SEQUENCE_MODELS))
 def test_shapes_and_padding_is_ignored(name):
     model = _model(name)
     model.eval()
@@ -33,7 +32,7 @@ def test_shapes_and_padding_is_ignored(name):
     assert_padding_is_ignored(model, hist, mask, target, _scorer, D)
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", sorted(SEQUENCE_MODELS))
 def test_gradients_reach_every_parameter(name):
     model = _model(name, dropout=0.1, emb_dropout=0.1)
     hist, mask, target = _inputs()

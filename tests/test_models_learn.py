@@ -22,13 +22,13 @@ CASES = {
     "dimerec": ("configs/models/dimerec.yaml", 120, []),
     # DreamRec / AREAL with the guidance CE (DimeRec's L_gem on the encoder; the denoiser stays
     # MSE-only) and a learnable table; the papers' MSE-only form is held to training soundly
-    # below, not to beating popularity (README, "DreamRec and AREAL at CPU budgets")
+    # below, not to beating popularity (docs/results.md, "DreamRec and AREAL at CPU budgets")
     "dreamrec+gce": ("configs/models/dreamrec.yaml", 120, GUIDANCE_CE),
     "areal+gce": ("configs/models/areal.yaml", 240, GUIDANCE_CE),
 }
 # MSE-only generative models (no negatives) learn far more slowly (DreamRec's own code: HR@20
 # 1.2 % after 30 epochs on Zhihu, ../shared/reference.md); within a CI budget they are held to
-# training soundly on 2 ranks, not to beating popularity (see README "Comparing every model").
+# training soundly on 2 ranks, not to beating popularity (see docs/results.md "Comparing every model").
 GENERATIVE = {
     "dreamrec": ("configs/models/dreamrec.yaml", 120, []),
     "areal": ("configs/models/areal.yaml", 120, []),
@@ -37,7 +37,7 @@ GENERATIVE = {
 
 def _fit(config: str, overrides: list[str]):
     from recsys_dist.config import load_config
-    from recsys_dist.train.loop import fit
+    from recsys_dist.train.trainer import fit
 
     cfg = load_config(config, overrides)
     out = fit(cfg)

@@ -8,6 +8,7 @@ import torch
 
 from distributed_harness import run_distributed
 from recsys_dist.train.negatives import NegativeSampler
+from model_checks import small_model_config
 
 N = 5001  # rows incl. padding row 0
 
@@ -168,12 +169,12 @@ def _sampled_run(steps, in_batch=True, kind="popularity"):
     from recsys_dist.sparse import ShardedItemTable
     from recsys_dist.distributed import init_distributed, seed_everything
     from recsys_dist.train.engine import build_engine
+    from recsys_dist.train.catalog_loss import SampledSoftmax
     from recsys_dist.train.step import train_step
 
     rank, world = init_distributed(torch.device("cpu"))
     cfg = JobConfig()
-    cfg.model.name, cfg.model.dim, cfg.model.num_heads, cfg.model.num_blocks = "sasrec", 16, 2, 1
-    cfg.model.dropout = cfg.model.emb_dropout = 0.0
+    cfg.model = small_model_config("sasrec", dim=16, num_heads=2, num_blocks=1, dropout=0.0, emb_dropout=0.0)
     cfg.train.batch_size = 8 // world
     seed_everything(0)
     model = build_model(cfg.model, 6)  # before the table: sharding draws from the global RNG
@@ -186,7 +187,7 @@ def _sampled_run(steps, in_batch=True, kind="popularity"):
         hist = torch.randint(1, N, (8, 6), generator=g)
         target = torch.randint(1, N, (8,), generator=g)
         losses.append(train_step(engine, table, hist[rank * b:(rank + 1) * b], target[rank * b:(rank + 1) * b],
-                                 step, 0, "sampled_softmax", 256, sampler, in_batch_negatives=in_batch).item())
+                                 step, 0, SampledSoftmax(sampler, 256, 0, in_batch_negatives=in_batch)).item())
     return {"losses": torch.tensor(losses), "table": table.full_table()}
 
 

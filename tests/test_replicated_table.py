@@ -38,7 +38,7 @@ import pytest
 import torch
 
 from distributed_harness import run_distributed
-from model_checks import left_padded_batches
+from model_checks import left_padded_batches, small_model_config
 
 ROWS, DIM, L, GLOBAL_B, STEPS = 301, 16, 10, 16, 10
 
@@ -65,8 +65,7 @@ def _setup(name, world):
 
     sharding, optimizer, lr, wd, dense_opt, dense_lr = CONFIGS[name]
     cfg = JobConfig()
-    cfg.model.name, cfg.model.dim, cfg.model.num_heads, cfg.model.num_blocks = "sasrec", DIM, 2, 1
-    cfg.model.dropout = cfg.model.emb_dropout = 0.0
+    cfg.model = small_model_config("sasrec", dim=DIM, num_heads=2, num_blocks=1, dropout=0.0, emb_dropout=0.0)
     cfg.sparse.sharding, cfg.sparse.optimizer, cfg.sparse.lr = sharding, optimizer, lr
     cfg.sparse.weight_decay = wd
     cfg.sparse.init_block_rows = 64  # several init blocks

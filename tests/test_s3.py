@@ -676,7 +676,7 @@ def test_plain_webdataset_reads_the_shards_from_s3(s3_data):
 
 def _fit_from_s3(shards_url, ckpt_url, out_dir):
     from recsys_dist.config import load_config
-    from recsys_dist.train.loop import fit
+    from recsys_dist.train.trainer import fit
 
     cfg = load_config(str(REPO_ROOT / "configs/models/sasrec.yaml"), [
         "name=s3job", f"output_dir={out_dir}", "data.dataset=synthetic", f"data.shards_url={shards_url}",

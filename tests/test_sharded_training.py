@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from distributed_harness import run_distributed
-from model_checks import left_padded_batches
+from model_checks import left_padded_batches, small_model_config
 
 ROWS, DIM, L, GLOBAL_B, STEPS = 301, 16, 10, 16, 20
 
@@ -35,8 +35,7 @@ def _train(model_name: str, sharding: str, steps: int, optimizer: str = "adam"):
     device = torch.device("cpu")
     rank, world = init_distributed(device)
     cfg = JobConfig()
-    cfg.model.name, cfg.model.dim, cfg.model.num_heads = model_name, DIM, 2
-    cfg.model.dropout = cfg.model.emb_dropout = 0.0
+    cfg.model = small_model_config(model_name, dim=DIM, num_heads=2, dropout=0.0, emb_dropout=0.0)
     cfg.sparse.sharding = sharding
     cfg.sparse.init_block_rows = 64  # several init blocks, straddling shard boundaries
     if optimizer == "sgd":  # scale-sensitive optimizers: a wrong gradient scale shows up

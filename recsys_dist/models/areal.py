@@ -80,6 +80,8 @@ Choices where the paper is vague (also listed in the class docstrings):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import math
 from typing import Sequence
 
@@ -87,7 +89,8 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from recsys_dist.models.guided import GuidedDenoiser
+from recsys_dist.models.base import ModelConfig
+from recsys_dist.models.guided import GuidanceFields, GuidedDenoiser
 
 CNN_KERNELS = (1, 3, 5)  # Eq. 12-14
 
@@ -287,3 +290,23 @@ class AREAL(GuidedDenoiser):
         x = zero_padded(self.drop(hist * math.sqrt(self.dim)), mask)
         h = self.encoder(x, mask)
         return torch.where(mask.any(1)[:, None], h, self.null.to(h.dtype).expand_as(h))
+
+
+@dataclass
+class AREALConfig(GuidanceFields, ModelConfig):
+    """``model.name: areal``: the MCRL encoder (Table 3's ablations are the ``mcrl_*`` switches)
+    guiding DreamRec's denoiser."""
+
+    name: str = "areal"
+    num_blocks: int = 2
+    dropout: float = 0.1
+    emb_dropout: float = 0.3
+    mcrl_use_cnn: bool = True  # multi-scale CNN branch (local features)
+    mcrl_use_lstm: bool = True  # residual LSTM branch (global features)
+    mcrl_local_weight: float = 0.3  # fusion weight of the local branch (global gets 1 - w); paper: 3:7
+
+    def build(self, max_len: int) -> AREAL:
+        return AREAL(self.dim, max_len, self.num_blocks, self.dropout, self.emb_dropout, self.diffusion_steps,
+                     self.schedule, self.p_uncond, self.guidance_w, self.sample_steps, self.eta,
+                     self.mcrl_use_cnn, self.mcrl_use_lstm, self.mcrl_local_weight,
+                     self.guidance_ce_weight, self.rank_by)

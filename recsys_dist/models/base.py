@@ -28,10 +28,43 @@ same noise (dropout aside).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
+
+
+@dataclass
+class ModelConfig:
+    """The ``model:`` section every model's config extends: which model (``name``, the
+    registry key) and the width ``dim`` of the item table and of the model. A model's config is
+    a subclass next to its code with the model's own fields; ``build`` makes the model."""
+
+    name: str = ""
+    dim: int = 64  # embedding and hidden size (the item table's row width)
+
+    def build(self, max_len: int) -> "SequenceRecommender":
+        raise NotImplementedError(f"{type(self).__name__} builds no sequence model")
+
+
+@dataclass
+class EncoderFields:
+    """A Transformer-style sequence encoder's shape (mixin of model configs)."""
+
+    num_blocks: int = 2
+    num_heads: int = 2
+    dropout: float = 0.1  # inside the blocks
+    emb_dropout: float = 0.3  # on item embeddings (DiffuRec paper: 0.3)
+
+
+@dataclass
+class DiffusionFields:
+    """The forward process of a diffusion model (mixin of model configs)."""
+
+    diffusion_steps: int = 32
+    schedule: str = "trunc_linear"  # recsys_dist/diffusion/schedules.py
+
 
 Scorer = Callable[[torch.Tensor], torch.Tensor]
 """queries (B, d) -> scalar mean softmax CE of the batch's targets over the catalog; under the

@@ -11,7 +11,7 @@ Inference (Algorithm 1): x_T ~ N(0, I); for s = T-1..0, x0_hat = f(z(x_s, s)) an
 x_{s-1} = posterior mean + sqrt(posterior var) eps' (Eq. 16); x_0 is the query (rounding by
 inner product = ranking the catalog, Eq. 19).
 
-Choices where the paper is vague (see README): d_s is a sinusoidal step embedding followed by
+Choices where the paper is vague (see docs/models.md): d_s is a sinusoidal step embedding followed by
 a 2-layer MLP (Linear d->4d, SiLU, Linear 4d->d); x_0 is the target embedding itself (the extra
 "one step of diffusion" from e to x_0 is skipped); lambda is also sampled at inference, afresh at
 every reverse step. Two forms of the approximator, ``form`` (config ``model.diffurec_form``):
@@ -46,12 +46,14 @@ encoder's final ``ln`` as its output norm), so their state dicts are interchange
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from recsys_dist.diffusion import GaussianDiffusion, NoiseSchedule, timestep_embedding
 from recsys_dist.diffusion.samplers import ddpm_sample
-from recsys_dist.models.base import SequenceRecommender
+from recsys_dist.models.base import DiffusionFields, EncoderFields, ModelConfig, SequenceRecommender
 from recsys_dist.models.transformer import TransformerEncoder, attention_mask
 
 FORMS = ("official", "paper")
@@ -137,3 +139,16 @@ class DiffuRec(SequenceRecommender):
             return self.approximate(hist, mask, x_t, t, lam[:, T - 1 - int(t[0])])
 
         return ddpm_sample(denoise, self.diffusion, noise["x_T"].to(hist.dtype), noise["eps"])
+
+
+@dataclass
+class DiffuRecConfig(DiffusionFields, EncoderFields, ModelConfig):
+    """``model.name: diffurec`` (the module docstring has the forms)."""
+
+    name: str = "diffurec"
+    lambda_uncertainty: float = 0.001  # lambda ~ N(value, value) per history item (per dimension: official)
+    diffurec_form: str = "official"  # official (lambda per dim, norm before noise + after encoder) | paper
+
+    def build(self, max_len: int) -> DiffuRec:
+        return DiffuRec(self.dim, self.num_blocks, self.num_heads, self.dropout, self.emb_dropout,
+                        self.diffusion_steps, self.schedule, self.lambda_uncertainty, self.diffurec_form)

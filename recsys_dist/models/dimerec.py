@@ -55,6 +55,8 @@ query. sphere=False runs the same samplers in Euclidean space without normalisat
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import math
 
 import torch
@@ -64,7 +66,7 @@ from recsys_dist.diffusion import GaussianDiffusion, NoiseSchedule, timestep_emb
 from recsys_dist.diffusion.samplers import ddim_sample, ddpm_sample
 from recsys_dist.diffusion.sphere import (equator_scale, geodesic_random_walk, l2_normalize,
                                           sphere_ddim_sample, sphere_ddpm_sample, walk_sigma)
-from recsys_dist.models.base import SequenceRecommender
+from recsys_dist.models.base import DiffusionFields, EncoderFields, ModelConfig, SequenceRecommender
 from recsys_dist.models.transformer import TransformerEncoder
 
 GEM_KINDS = ("model", "rule")
@@ -215,3 +217,21 @@ class DimeRec(SequenceRecommender):
         if ddpm:
             return ddpm_sample(denoise_euclid, self.diffusion, x_T, noise["eps"])
         return ddim_sample(denoise_euclid, self.diffusion, x_T, self.sample_steps, 0.0, noise["eps"])
+
+
+@dataclass
+class DimeRecConfig(DiffusionFields, EncoderFields, ModelConfig):
+    """``model.name: dimerec``: GEM (K interests) guiding DAM on the sphere."""
+
+    name: str = "dimerec"
+    sample_steps: int = 20  # reverse steps at evaluation
+    num_interests: int = 4  # K guidance vectors
+    gem: str = "model"  # model (self-attentive multi-interest) | rule (last-K items)
+    lambda_recon: float = 0.1  # weight of the reconstruction loss
+    mu_ssm: float = 1.0  # weight of the sampled-softmax loss on the denoised embedding
+    sphere: bool = True  # geodesic random walk on the unit sphere (False: Euclidean DDPM)
+
+    def build(self, max_len: int) -> DimeRec:
+        return DimeRec(self.dim, max_len, self.num_blocks, self.num_heads, self.dropout, self.emb_dropout,
+                       self.diffusion_steps, self.schedule, self.sample_steps, self.num_interests, self.gem,
+                       self.lambda_recon, self.mu_ssm, self.sphere)

@@ -57,6 +57,8 @@ Two forms, ``form`` (config ``model.dreamrec_form``):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import math
 
 import torch
@@ -65,7 +67,8 @@ from torch import nn
 
 from recsys_dist.diffusion import timestep_embedding
 from recsys_dist.diffusion.samplers import ddim_step
-from recsys_dist.models.guided import GuidedDenoiser
+from recsys_dist.models.base import EncoderFields, ModelConfig
+from recsys_dist.models.guided import GuidanceFields, GuidedDenoiser
 from recsys_dist.models.transformer import TransformerEncoder, attention_mask
 
 FORMS = ("ours", "official")
@@ -190,3 +193,17 @@ class DreamRec(GuidedDenoiser):
             x0_hat = guided(x, torch.full((B,), t, dtype=torch.long, device=x.device))
             x = ddim_step(self.diffusion, x0_hat, x, t, t_next, self.eta, eps[:, i].to(x.dtype))  # :150-166
         return x
+
+
+@dataclass
+class DreamRecConfig(GuidanceFields, EncoderFields, ModelConfig):
+    """``model.name: dreamrec``; ``dreamrec_form``: ours | official (baiyimeng/DreamRec @ f77206d:
+    its encoder, 192 -> 64 -> 64 denoiser, init, CFG, DDIM grid)."""
+
+    name: str = "dreamrec"
+    dreamrec_form: str = "ours"
+
+    def build(self, max_len: int) -> DreamRec:
+        return DreamRec(self.dim, max_len, self.num_blocks, self.num_heads, self.dropout, self.emb_dropout,
+                        self.diffusion_steps, self.schedule, self.p_uncond, self.guidance_w, self.sample_steps,
+                        self.eta, self.guidance_ce_weight, self.rank_by, self.dreamrec_form)

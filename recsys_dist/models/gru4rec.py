@@ -5,11 +5,13 @@ GRU output after item i, through ``out``, predicts item i+1)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from recsys_dist.models.base import SequenceRecommender
+from recsys_dist.models.base import ModelConfig, SequenceRecommender
 
 
 def left_to_right_padded(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,3 +56,16 @@ class GRU4Rec(SequenceRecommender):
         # inverse of left_to_right_padded: left position i holds step (i + len) mod L
         idx = (torch.arange(L, device=out.device)[None, :] + lengths.to(out.device)[:, None]) % L
         return self.out(out.gather(1, idx[..., None].expand(-1, -1, out.shape[-1])))
+
+
+@dataclass
+class GRU4RecConfig(ModelConfig):
+    """``model.name: gru4rec``: a GRU over the history; the last state is the query."""
+
+    name: str = "gru4rec"
+    num_layers: int = 1
+    dropout: float = 0.1  # between GRU layers
+    emb_dropout: float = 0.3  # on item embeddings
+
+    def build(self, max_len: int) -> GRU4Rec:
+        return GRU4Rec(self.dim, self.num_layers, self.dropout, self.emb_dropout)

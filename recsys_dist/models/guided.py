@@ -17,7 +17,7 @@ A subclass builds its encoder and implements ``guidance(hist, mask) -> c`` (B, d
   default): loss = MSE + weight * CE(c), the softmax CE of the target over the catalog with the
   guidance c as the query (the job's scorer: full CE or sampled softmax). It is DimeRec's L_gem
   (its Eq. 19) for one guidance vector: the encoder learns from the target directly instead of
-  only through the denoiser. The denoiser and the generation stay MSE-only. Why: README,
+  only through the denoiser. The denoiser and the generation stay MSE-only. Why: docs/results.md,
   "DreamRec and AREAL at CPU budgets".
 - ``rank_by = "guidance"`` (an evaluation-time ablation) returns c itself instead of the
   generated x0: what the reverse diffusion adds over its own guidance.
@@ -25,12 +25,14 @@ A subclass builds its encoder and implements ``guidance(hist, mask) -> c`` (B, d
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from recsys_dist.diffusion import GaussianDiffusion, NoiseSchedule, timestep_embedding
 from recsys_dist.diffusion.samplers import ddim_sample, ddpm_sample
-from recsys_dist.models.base import SequenceRecommender
+from recsys_dist.models.base import DiffusionFields, SequenceRecommender
 
 
 class GuidedDenoiser(SequenceRecommender):
@@ -99,3 +101,15 @@ class GuidedDenoiser(SequenceRecommender):
         if self.sample_steps == self.diffusion.steps and self.eta == 1.0:
             return ddpm_sample(guided, self.diffusion, x_T, eps)
         return ddim_sample(guided, self.diffusion, x_T, self.sample_steps, self.eta, eps)
+
+
+@dataclass
+class GuidanceFields(DiffusionFields):
+    """Classifier-free-guided x0-denoisers' sampling and training switches (DreamRec, AREAL)."""
+
+    p_uncond: float = 0.1  # probability of dropping the guidance in training
+    guidance_w: float = 2.0  # guidance strength w at sampling: (1 + w) f(c) - w f(null)
+    sample_steps: int = 20  # reverse steps at evaluation (DDIM when < diffusion_steps)
+    eta: float = 0.0  # DDIM eta (0 = deterministic; 1 with sample_steps = T = DDPM)
+    guidance_ce_weight: float = 0.0  # + weight * CE(guidance c) over the catalog (0 = MSE only, the papers')
+    rank_by: str = "generated"  # at eval: generated (x0 from reverse diffusion) | guidance (c; ablation)

@@ -8,12 +8,14 @@ uses its softmax CE (full catalog or sampled) instead."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import math
 
 import torch
 from torch import nn
 
-from recsys_dist.models.base import SequenceRecommender
+from recsys_dist.models.base import EncoderFields, ModelConfig, SequenceRecommender
 from recsys_dist.models.transformer import TransformerEncoder
 
 
@@ -44,3 +46,13 @@ class SASRec(SequenceRecommender):
 
     def infer(self, hist, mask, noise):
         return self._encode(hist, mask)[:, -1]
+
+
+@dataclass
+class SASRecConfig(EncoderFields, ModelConfig):
+    """``model.name: sasrec``: a causal Transformer; the last position is the query."""
+
+    name: str = "sasrec"
+
+    def build(self, max_len: int) -> SASRec:
+        return SASRec(self.dim, max_len, self.num_blocks, self.num_heads, self.dropout, self.emb_dropout)

@@ -28,12 +28,14 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.model.name == "diffrec":  # per-user interaction sets, N-wide layers in the item table
         from recsys_dist.train.diffrec_job import fit
     else:
-        from recsys_dist.train.loop import fit
+        from recsys_dist.train.trainer import fit
     result = fit(cfg)
     import torch.distributed as dist
-    if not dist.is_initialized() or dist.get_rank() == 0:
+
+    from recsys_dist.distributed import dist_active, rank_and_world
+    if rank_and_world()[0] == 0:
         print(json.dumps({"test": result["test"], "popularity_test": result["popularity_test"]}))
-    if dist.is_initialized():
+    if dist_active():
         dist.destroy_process_group()
     return 0
 

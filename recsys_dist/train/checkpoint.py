@@ -378,7 +378,7 @@ class CheckpointManager:
         from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
         tmp = tempfile.mkdtemp(prefix="recsys-dist-universal-") if self.rank == 0 else None
-        tmp = broadcast_object(tmp)  # one machine in tests; multi-node needs a shared tmp (see README)
+        tmp = broadcast_object(tmp)  # one machine in tests; multi-node needs a shared tmp (see docs/faults.md)
         try:
             if self.rank == 0:
                 args = _UniversalArgs(input_folder=os.path.join(local, DENSE_TAG),

@@ -3,7 +3,7 @@ item table + the dense core under DeepSpeed -> validate -> test once.
 
 Read top to bottom: :func:`train_step` is one batch, :func:`score_queries` the reverse chain at
 evaluation, :func:`evaluate_split` the exact multi-target ranking, :func:`fit` the whole job.
-The model math is ``recsys_dist/models/diffrec.py`` (the dense single-process reference is
+The model math is ``recsys_dist/models/diffrec/`` (the dense single-process reference is
 ``DiffRec``); the placement of its two N-wide layers is ``recsys_dist/sparse/wide.py``.
 
 Protocol (DiffRec's, ``main.py`` of the official code): the input of a user is the training
@@ -39,7 +39,7 @@ from recsys_dist.distributed import (all_reduce_mean, barrier, gather_objects, g
                                      pick_device, rank_and_world, seed_everything)
 from recsys_dist.train.engine import build_engine
 from recsys_dist.train.report import RunReport, setup_logging
-from recsys_dist.train.losses import sharded_logsumexp
+from recsys_dist.train.catalog_loss import ShardedColumnMSE
 from recsys_dist.train.step import NonFiniteLossError
 
 log = logging.getLogger("recsys_dist.train")
@@ -112,7 +112,7 @@ def train_step(engine, wide: WideLayers, cfg: DiffRecConfig, offsets: torch.Tens
     pre = wide.first(x_in, w_in, sizes)
     h = engine(pre.to(dtype), t[own]).float()
     out = wide.last(h, w_out, b_out, sizes)
-    mse = wide.sum_columns(((x0 - out) ** 2).sum(dim=1)) / wide.num_items
+    mse = ShardedColumnMSE(wide)(x0, out)
     loss_all, history = diffusion.weigh(t, pt, mse)
     loss = loss_all[own].mean()
     reduced = loss_all.detach().mean()
@@ -168,11 +168,7 @@ def ldiffrec_train_step(engine, wide: WideLayers, cfg: DiffRecConfig, cluster_bl
     out = engine(pre.to(dtype), t_u[own].to(device), eps[own].to(device), z_eps[own].to(device),
                  keep[own].to(device) if cfg.dropout > 0 else None)
     logits = wide.last(out["pred_x0"].float(), w_out, b_out, sizes)  # (B, block): decoder over this rank's items
-    hits = wide.sum_columns((x * logits).sum(dim=1))
-    mass = x.sum(dim=1)
-    if multi_rank():
-        dist.all_reduce(mass)
-    recon = (mass * sharded_logsumexp(logits) - hits)[own].mean()
+    recon = ShardedColumnMSE(wide).multinomial_nll(x, logits)[own].mean()
     vae_loss = recon + kl_weight_at(cfg, step) * out["kl"].float()
     loss = combine_ldiffrec_loss(cfg, out["loss"].float().mean(), vae_loss, epoch)
     reduced = all_reduce_mean(loss)
@@ -281,7 +277,7 @@ def user_batches(url: str, rank: int, world: int, batch_users: int, **kw: Any):
 def ensure_sets_shards(cfg: JobConfig, rank: int) -> tuple[str, dict]:
     """The job's shards (built by rank 0 when missing, like every job's: loop.ensure_shards)
     and their manifest, checked to hold per-user sets."""
-    from recsys_dist.train.loop import ensure_shards
+    from recsys_dist.train.data import ensure_shards
 
     manifest = ensure_shards(cfg, rank)
     if manifest["protocol"] not in SET_PROTOCOLS:
@@ -368,7 +364,7 @@ def fit(cfg: JobConfig) -> dict[str, Any]:
     minutes; the selected state is kept in memory."""
     from tqdm import tqdm
 
-    from recsys_dist.train.loop import Snapshot
+    from recsys_dist.train.trainer import Snapshot
 
     device = pick_device(cfg.train.device)
     rank, world = init_distributed(device, cfg.train.collective_timeout_s)

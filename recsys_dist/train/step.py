@@ -32,8 +32,8 @@ import torch.distributed as dist
 
 from recsys_dist.config import stream_seed
 from recsys_dist.sparse import ShardedItemTable
-from recsys_dist.train.losses import sampled_softmax_ce, sharded_softmax_ce
-from recsys_dist.train.negatives import NegativeSampler
+from recsys_dist.distributed import all_reduce_mean, max_over_ranks
+from recsys_dist.train.catalog_loss import CatalogLoss, build_catalog_loss
 
 
 class NonFiniteLossError(RuntimeError):
@@ -74,15 +74,6 @@ def step_noise(model, step: int, seed: int, local_batch: int, max_len: int, rank
     return {k: v[rank * local_batch:(rank + 1) * local_batch].to(device) for k, v in noise.items()}
 
 
-def _all_gather_ids(ids: torch.Tensor, world: int) -> torch.Tensor:
-    """(W * b,) ids of every rank (b equal on all ranks), in rank order."""
-    if world == 1:
-        return ids
-    out = [torch.empty_like(ids) for _ in range(world)]
-    dist.all_gather(out, ids)
-    return torch.cat(out)
-
-
 OBJECTIVES = ("last", "all_positions")
 
 
@@ -114,11 +105,9 @@ def _position_rows(mask: torch.Tensor, world: int) -> tuple[torch.Tensor, torch.
     valid = mask.reshape(-1)
     real = valid.nonzero().squeeze(1)
     total = torch.tensor([real.numel()], dtype=torch.long, device=mask.device)
-    most = total.clone()
     if world > 1:
         dist.all_reduce(total)
-        dist.all_reduce(most, op=dist.ReduceOp.MAX)
-    n = max(int(most.item()), 1)
+    n = max(max_over_ranks(real.numel()), 1)
     rows = torch.cat([real, real.new_zeros(n - real.numel())])
     weights = torch.zeros(n, dtype=torch.float32, device=mask.device)
     weights[:real.numel()] = world / max(int(total.item()), 1)
@@ -126,37 +115,25 @@ def _position_rows(mask: torch.Tensor, world: int) -> tuple[torch.Tensor, torch.
 
 
 def train_step(engine, table: ShardedItemTable, history: torch.Tensor, target: torch.Tensor,
-               step: int, seed: int, loss_name: str = "full_ce", num_negatives: int = 1024,
-               sampler: NegativeSampler | None = None, in_batch_negatives: bool = False,
+               step: int, seed: int, catalog_loss: CatalogLoss | None = None,
                objective: str = "last") -> torch.Tensor:
     """Forward, backward and update for one batch; returns the global mean loss (detached).
 
     history: (B, L) long, 0 = pad, left-padded; target: (B,) long item ids. B equal on all ranks.
-    loss_name: ``full_ce`` (softmax over every item, exact across shards) or
-    ``sampled_softmax``: ``num_negatives`` ids from ``sampler`` (uniform if None) shared by the
-    global batch, plus (``in_batch_negatives``) the global batch's targets, logQ-corrected.
+    seed: the job's seed (the diffusion noise of ``step`` is drawn from it).
+    catalog_loss: the job's loss over the catalog (``catalog_loss.py``; default: the full
+    softmax CE, or none for models that train without one).
     objective: ``last`` or ``all_positions`` (see the module docstring); the returned loss is
     the mean over the global batch's samples, or over its real positions.
     """
     model = engine.module
     check_objective(model, objective)
+    if catalog_loss is None:
+        catalog_loss = build_catalog_loss("full_ce", table, model)
     all_positions = objective == "all_positions"
     rank, world = table.rank, table.world_size
-    log_counts = None  # (n,) log expected count of each candidate (logQ correction)
-    if not getattr(model, "uses_scorer", True):
-        candidates = torch.empty(0, dtype=torch.long)
-    elif loss_name == "full_ce":
-        lo, hi = table.score_block()
-        candidates = torch.arange(max(lo, 1), hi)  # this rank's rows; padding is never a candidate
-    elif loss_name == "sampled_softmax":
-        sampler = sampler or NegativeSampler(table.num_rows, kind="uniform")
-        # n sampled ids (+ the global batch's B targets), each with its log expected count in the
-        # candidate set: log(n q_j), or the mixture log(n q_j + (B - 1) p_j) with in-batch ids
-        batch_ids = _all_gather_ids(target, world).cpu() if in_batch_negatives else None
-        candidates, log_counts = sampler.candidates(num_negatives, seed, step, batch_ids)
-    else:
-        raise ValueError(f"unknown loss '{loss_name}' (full_ce | sampled_softmax)")
-    batch, (block,) = embed(table, history, target, [candidates])
+    cands = catalog_loss.candidates(step, target)
+    batch, (block,) = embed(table, history, target, [cands.ids])
     noise = step_noise(model, step, seed, history.shape[0], history.shape[1], rank, world, batch.hist.device)
     engine.train()
     weights = None  # per-row loss weights (all positions)
@@ -170,24 +147,18 @@ def train_step(engine, table: ShardedItemTable, history: torch.Tensor, target: t
         target_emb = batch.target
 
     def scorer(query: torch.Tensor) -> torch.Tensor:
-        """Softmax CE of this rank's targets for queries (B, d): their mean; under all positions
-        queries (B, L, d): this rank's share of the global mean over real positions."""
+        """Catalog loss of this rank's targets for queries (B, d): their mean; under all
+        positions queries (B, L, d): this rank's share of the global mean over real positions."""
         query = query.float()
         if all_positions:
             query = query.reshape(B * L, query.shape[-1])[rows]
         target_logits = (query * target_emb.float()).sum(-1)
-        if loss_name == "full_ce":
-            return sharded_softmax_ce(query, target_logits, block.float(), weights=weights)
-        return sampled_softmax_ce(query, target_logits, target_ids, block.float(), candidates.to(query.device),
-                                  None if log_counts is None else log_counts.to(query.device), weights=weights)
+        return catalog_loss(query, target_logits, target_ids, cands, block, weights=weights)
 
     dtype = next(model.parameters()).dtype  # bf16 under DeepSpeed on GPU
     kwargs = {"all_positions": True} if all_positions else {}
     loss = engine(batch.hist.to(dtype), batch.mask, batch.target.to(dtype), noise, scorer, **kwargs).float()
-    reduced = loss.detach().clone()
-    if world > 1:
-        dist.all_reduce(reduced)
-        reduced /= world
+    reduced = all_reduce_mean(loss)
     if not torch.isfinite(reduced):
         raise NonFiniteLossError(
             f"non-finite loss {reduced.item()} at step {step} (rank {rank} local loss {loss.item()}, "
