@@ -47,12 +47,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from recsys_dist.eval import (  # noqa: E402
-    MultiMetricAccumulator,
-    popularity_block,
-    rank_target_sets,
-    row_partition,
-)
+from recsys_dist.distributed import row_partition  # noqa: E402
+from recsys_dist.eval import MultiMetricAccumulator, popularity_block, rank_target_sets  # noqa: E402
 from recsys_dist.models.ease import ease_from_gram, popularity_scores  # noqa: E402
 
 DEFAULT_DATA_ROOT = ROOT.parent / "shared" / "datasets" / "ml-1m" / "raw" / "diffrec"
