@@ -13,10 +13,10 @@ calls it (``ks`` (5, 10, 20, 50), ``item_chunk`` 65536, no history masking, ``to
 gathered queries against its rows), repeated until ``--min-seconds``. Reported: queries/s,
 achieved GFLOP/s = 2 N d queries/s, and % of the peak measured with the same total thread count
 (the 2-thread peak for both 1 x 2 and 2 x 1 threads; 2 ranks also measure their concurrent
-1-thread peaks). To explain the gap each configuration also times one pass of bare chunked
-matmuls at the evaluator's shapes (into a reused ``out=`` and with a fresh output as the
-evaluator does) and counts the score chunks ``rank_targets`` computes twice. An extra run with
-``topk`` 50 at 1M shows the cost of top-K selection. Prints a markdown table and writes
+1-thread peaks). Each configuration also times one pass of bare chunked matmuls at the
+evaluator's shapes (into a reused ``out=`` and into fresh outputs) and records which counting
+path ran (one pass without top-K, ``recsys_dist/eval/onepass.py``; two passes with it). An
+extra run with ``topk`` 50 at 1M shows the cost of top-K selection. Prints a markdown table and writes
 ``benchmarks/out/eval_vs_matmul_peak.{md,json,png}``. Takes about 4 minutes and up to ~7 GB RAM::
 
     PYTHONPATH=. python benchmarks/eval_vs_matmul_peak.py
@@ -91,7 +91,7 @@ def _rank(rank: int, world: int, port: int, spec: dict, queue) -> None:
         import torch.distributed as dist
         torch.set_num_threads(spec["threads"])
         from recsys_dist.distributed import row_partition
-        from recsys_dist.eval.ranking import DEFAULT_SCORE_CACHE_BYTES, rank_targets
+        from recsys_dist.eval.ranking import rank_targets
 
         dist.init_process_group("gloo")
         res: dict = {"rank": rank, "threads": torch.get_num_threads()}
@@ -108,7 +108,9 @@ def _rank(rank: int, world: int, port: int, spec: dict, queue) -> None:
         def call(q, t):
             return rank_targets(q, t, block, lo, num_rows, ks=KS, topk=spec["topk"], item_chunk=chunk)
 
-        call(queries[:4], targets[:4])  # warm-up (thread pool, allocator); 4 queries per rank
+        from recsys_dist.eval import onepass
+        call(queries, targets)  # warm-up: thread pool, allocator, the compiled count kernel
+        paths0 = dict(onepass.CALLS)
         calls, total = 0, 0.0
         busy0, own0 = busy_cpu_s(), os.times()
         while calls < 1 or (total < spec["min_seconds"] and calls < spec["max_calls"]):
@@ -123,23 +125,8 @@ def _rank(rank: int, world: int, port: int, spec: dict, queue) -> None:
                    busy_cpu_s=busy_cpu_s() - busy0,
                    own_cpu_s=(own1.user + own1.system) - (own0.user + own0.system))
 
-        # -- gap analysis: chunks computed twice (targets' chunks not kept in the score cache)
-        all_t = torch.cat([_targets(r_, sizes[r_], num_rows, 1) for r_ in range(world)])
-        pos = all_t - lo
-        owned = pos[(pos >= 0) & (pos < hi - lo)]
-        n_chunks = -(-(hi - lo) // chunk)
-        target_chunks = sorted(set(torch.div(owned, chunk, rounding_mode="floor").tolist()))
-        used, recomputed_rows, recomputed = 0, 0, 0
-        for ci in target_chunks:
-            w = min(chunk, hi - lo - ci * chunk)
-            nbytes = q_total * w * 4
-            if used + nbytes <= DEFAULT_SCORE_CACHE_BYTES:
-                used += nbytes
-            else:
-                recomputed += 1
-                recomputed_rows += w
-        res.update(rows=hi - lo, chunks=n_chunks, target_chunks=len(target_chunks), recomputed_chunks=recomputed,
-                   recomputed_rows=recomputed_rows, matmul_work=(hi - lo + recomputed_rows) / (hi - lo))
+        res["paths"] = {k: onepass.CALLS[k] - paths0[k] for k in paths0}
+        res["path"] = "one pass" if res["paths"]["one_pass"] else "two passes"
 
         # -- one pass of bare chunked matmuls at the evaluator's shapes (all gathered queries)
         q_all = torch.randn(q_total, d, generator=g)
@@ -158,51 +145,6 @@ def _rank(rank: int, world: int, port: int, spec: dict, queue) -> None:
             res[name + "_s"] = time.perf_counter() - t
         del buf
 
-        # -- per-operation profile of the second pass (the code of rank_targets, step 4) on a few chunks
-        from recsys_dist.eval.scoring import _positions_mask
-        from recsys_dist.eval.topk import _merge_topk, _topk_in_chunk
-        topk = spec["topk"]
-        threshold = torch.randn(q_total, generator=g)[:, None]
-        target_col = all_t[:, None]
-        ops = dict.fromkeys(("matmul", "target_mask", "mask_ops", "compare", "row_sum", "topk"), 0.0)
-        picks = sorted(set(int(i * (n_chunks - 1) / max(1, spec["profile_chunks"] - 1))
-                           for i in range(spec["profile_chunks"])))
-        full = [ci for ci in picks if min(chunk, hi - lo - ci * chunk) == chunk] or picks
-        run_vals = torch.full((q_total, topk), float("-inf"))
-        run_ids = torch.full((q_total, topk), -1, dtype=torch.long)
-        counts = torch.zeros(q_total, dtype=torch.long)
-        dist.barrier()
-        for ci in full:
-            c0, c1 = ci * chunk, min(ci * chunk + chunk, hi - lo)
-            first_id, width = lo + c0, c1 - c0
-            t0 = time.perf_counter()
-            sc = q_all @ block[c0:c1].T
-            t1 = time.perf_counter()
-            is_target = _positions_mask(target_col, first_id, width)
-            t2 = time.perf_counter()
-            masked = torch.zeros_like(is_target)
-            if first_id == 0:
-                masked[:, 0] = True
-            masked &= ~is_target
-            excluded = masked | is_target
-            t3 = time.perf_counter()
-            above = (sc > threshold) & ~excluded
-            t4 = time.perf_counter()
-            counts += above.sum(dim=1)
-            t5 = time.perf_counter()
-            if topk > 0:
-                cand = sc.masked_fill(masked, float("-inf"))
-                vals, ids = _topk_in_chunk(cand, first_id, topk)
-                run_vals, run_ids = _merge_topk(torch.cat([run_vals, vals], dim=1), torch.cat([run_ids, ids], dim=1),
-                                                topk)
-                del cand
-            t6 = time.perf_counter()
-            for k, dt in zip(ops, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5)):
-                ops[k] += dt / width / len(full)  # seconds per item row
-            del sc, is_target, masked, excluded, above
-        dist.barrier()
-        res["ops_per_row_s"] = ops
-        res["profiled_chunks"] = len(full)
         queue.put((rank, "ok", res))
         dist.barrier()
         dist.destroy_process_group()
@@ -236,7 +178,6 @@ def main() -> None:
     p.add_argument("--max-calls", type=int, default=10)
     p.add_argument("--topk", type=int, default=50, help="extra runs with this top-K (0: none)")
     p.add_argument("--topk-items", nargs="*", type=int, default=[1_000_000], help="catalog sizes of the top-K runs")
-    p.add_argument("--profile-chunks", type=int, default=3, help="chunks timed op by op for the breakdown")
     p.add_argument("--peak-dims", nargs="+", type=int, default=[64, 128])
     p.add_argument("--peak-reps", type=int, default=3)
     p.add_argument("--max-other-load", type=float, default=0.3,
@@ -288,7 +229,7 @@ def main() -> None:
             raise SystemExit(f"--threads {args.threads} is not divisible by {world} ranks")
         spec = {"items": items, "dim": args.dim, "threads": args.threads // world, "queries": args.queries,
                 "item_chunk": args.item_chunk, "topk": topk, "min_seconds": args.min_seconds,
-                "max_calls": args.max_calls, "peak_reps": args.peak_reps, "profile_chunks": args.profile_chunks,
+                "max_calls": args.max_calls, "peak_reps": args.peak_reps,
                 "rank_peak": world > 1 and world not in rank_peak_done}
         for attempt in range(1 + args.retries):
             with LoadProbe() as lp:
@@ -307,7 +248,6 @@ def main() -> None:
         qps = args.queries * calls / secs
         gflops = 2.0 * items * args.dim * qps / 1e9
         t_call = secs / calls
-        worst = max(per_rank, key=lambda r: r["matmul_work"])
         mm_out = max(r["mm_out_s"] for r in per_rank)
         mm_fresh = max(r["mm_fresh_s"] for r in per_rank)
         row = {"items": items, "ranks": world, "threads_per_rank": args.threads // world, "topk": topk,
@@ -316,26 +256,14 @@ def main() -> None:
                "mm_out_s": mm_out, "mm_fresh_s": mm_fresh,
                "mm_out_gflops": 2.0 * items * args.dim * args.queries / mm_out / 1e9,
                "mm_fresh_gflops": 2.0 * items * args.dim * args.queries / mm_fresh / 1e9,
-               "matmul_work": worst["matmul_work"], "chunks_per_rank": worst["chunks"],
-               "target_chunks": worst["target_chunks"], "recomputed_chunks": worst["recomputed_chunks"],
+               "path": per_rank[0]["path"], "pct_bare_mm": 100 * gflops / (2.0 * items * args.dim * args.queries / mm_out / 1e9),
                "other_cores": round(other, 2), "loadavg_1m": os.getloadavg()[0], "per_rank": per_rank}
-        # time budget of one call, from the per-op profile of the slowest rank: matmuls as issued
-        # (fresh outputs; recomputed chunks count twice) and the element-wise passes of every chunk
-        prof = max(per_rank, key=lambda r: sum(r["ops_per_row_s"].values()) * r["rows"])
-        ops, n_rows = prof["ops_per_row_s"], prof["rows"]
-        est = {"matmul": ops["matmul"] * (n_rows + prof["recomputed_rows"]),
-               **{k: ops[k] * n_rows for k in ("target_mask", "mask_ops", "compare", "row_sum", "topk")}}
-        est["rest"] = t_call - sum(est.values())
-        row["breakdown_s"] = est
-        row["share"] = {k: v / t_call for k, v in est.items()}
-        row["recompute_s"] = ops["matmul"] * prof["recomputed_rows"]
         if spec["rank_peak"]:
             row["rank_peaks"] = [r["peak"]["best"] for r in per_rank]
         rows.append(row)
         print(f"  {items:>10,} items x {world} rank(s) x {args.threads // world} thread(s), topk {topk}: "
               f"{qps:8.1f} queries/s = {gflops:5.1f} GFLOP/s = {row['pct_peak']:4.1f}% of peak; bare chunked mm "
-              f"{row['mm_out_gflops']:.1f} (out=) / {row['mm_fresh_gflops']:.1f} (fresh) GFLOP/s; "
-              f"{worst['recomputed_chunks']}/{worst['chunks']} chunks computed twice "
+              f"{row['mm_out_gflops']:.1f} (out=) / {row['mm_fresh_gflops']:.1f} (fresh) GFLOP/s; {row['path']} "
               f"(other load {other:.2f} cores)", flush=True)
 
     report(info, peaks, rows, args, time.perf_counter() - t_job, os.getloadavg()[0])
@@ -368,30 +296,24 @@ def report(info: dict, peaks: dict, rows: list, args, total_s: float, load_end: 
               f"{args.threads} threads "
               f"in total: 1 rank x {args.threads} threads or 2 ranks x {args.threads // 2} thread. GFLOP/s = 2 N d "
               f"queries/s; % of peak against the {args.threads}-thread `out=` peak at d {args.dim} "
-              f"({peak:.1f} GFLOP/s) in every row. 'bare mm' = one pass of the same chunked matmuls alone.", "",
-              "| items | ranks x threads | top-K | queries/s | achieved GFLOP/s | % of peak | bare mm out= GFLOP/s "
-              "| bare mm fresh output GFLOP/s | chunks computed twice | other load |",
-              "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              f"({peak:.1f} GFLOP/s) in every row. 'bare mm' = one pass of the same chunked matmuls alone, into a "
+              "reused output (`out=`) or a fresh one; 'path': the one-pass count (no top-K: what validation runs, "
+              "`recsys_dist/eval/onepass.py`) or the two-pass one (top-K).", "",
+              "| items | ranks x threads | top-K | path | queries/s | achieved GFLOP/s | % of peak | bare mm out= GFLOP/s "
+              "| % of bare mm out= | bare mm fresh output GFLOP/s | other load |",
+              "|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['items']:,} | {r['ranks']} x {r['threads_per_rank']} | {r['topk'] or '-'} | "
-                     f"{r['queries_per_s']:,.1f} | {r['gflops']:.1f} | {r['pct_peak']:.0f}% | {r['mm_out_gflops']:.1f} "
-                     f"| {r['mm_fresh_gflops']:.1f} | {r['recomputed_chunks']}/{r['chunks_per_rank']} | "
-                     f"{r['other_cores']:.2f} |")
-    lines += ["", "Where the time of one call goes: every chunk's operations of `rank_targets`' counting pass, timed "
-              f"one by one on {args.profile_chunks} full chunks per rank and scaled to the rank's rows (the matmul "
-              "also for the rows of chunks computed twice); 'rest' = the measured call minus these (first-pass "
-              "target-score extraction, collectives, Python).", "",
-              "| items | ranks x threads | top-K | s/call | matmul (fresh output) | target position mask "
-              "| exclusion mask ops | compare `s > t & ~excl` | row sum | top-K | rest |",
-              "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        sh = r["share"]
-        cells = [f"{100 * sh[k]:.0f}%" for k in ("matmul", "target_mask", "mask_ops", "compare", "row_sum")]
-        cells.append(f"{100 * sh['topk']:.0f}%" if r["topk"] else "-")
-        cells.append(f"{100 * sh['rest']:.0f}%")
-        lines.append(f"| {r['items']:,} | {r['ranks']} x {r['threads_per_rank']} | {r['topk'] or '-'} | "
-                     f"{r['t_call']:.2f} | " + " | ".join(cells) + " |")
-    lines += ["", *gap_explanation(rows, pk, args)]
+                     f"{r.get('path', '-')} | {r['queries_per_s']:,.1f} | {r['gflops']:.1f} | {r['pct_peak']:.0f}% | "
+                     f"{r['mm_out_gflops']:.1f} | {r.get('pct_bare_mm', float('nan')):.0f}% | "
+                     f"{r['mm_fresh_gflops']:.1f} | {r['other_cores']:.2f} |")
+    lines += ["", "How the one pass gets there: each target's score is computed by its owner first, with one "
+              "small matmul of all gathered queries against its target rows (the chunks' kernel, so each element "
+              "equals the chunk's value bit for bit, checked in the pass), one matmul per chunk writes into a "
+              "reused buffer, and one fused compare-and-count kernel (torch.compile) reads each score once; the "
+              "excluded items (target, padding, seen set) are taken out by index. The gap to the peak is the "
+              "chunk shape's matmul efficiency, that count kernel and the input checks; the top-K rows still take "
+              "two passes with a `torch.topk` per chunk."]
     lines += ["", f"Total run time {total_s:.0f} s; load average at the end {load_end:.2f}."]
     text = "\n".join(lines)
     print()
@@ -406,58 +328,6 @@ def report(info: dict, peaks: dict, rows: list, args, total_s: float, load_end: 
                                                              indent=1))
     _plot(rows, peak, out / "eval_vs_matmul_peak.png", args)
     print(f"\nwrote {out}/eval_vs_matmul_peak.{{md,json,png}}")
-
-
-def gap_explanation(rows, pk, args) -> list[str]:
-    """The 'where does the gap come from' paragraphs, with this run's numbers."""
-    main = [r for r in rows if r["topk"] == 0]
-    if not main:
-        return []
-
-    def rng(vals, fmt="{:.0f}"):
-        lo, hi = fmt.format(min(vals)), fmt.format(max(vals))
-        return lo if lo == hi else (f"{lo} to {hi}" if lo.startswith("-") else f"{lo}-{hi}")
-
-    pct = lambda k: rng([100 * r["share"][k] for r in main])  # noqa: E731
-    elementwise = [100 * sum(r["share"][k] for k in ("target_mask", "mask_ops", "compare", "row_sum")) for r in main]
-    chunk_mib = args.queries * args.item_chunk * 4 / 2**20
-    text = [
-        f"**Where the gap comes from.** The evaluator reaches {rng([r['pct_peak'] for r in main])}% of the measured "
-        f"peak. The matmuls themselves are only {pct('matmul')}% of a call; "
-        f"{rng(elementwise)}% goes to element-wise passes over each ({args.queries} x {args.item_chunk}) score chunk "
-        f"that follow the matmul: the per-row count `((s > threshold) & ~excluded).sum(dim=1)` "
-        f"(compare and mask {pct('compare')}%, the row sum of the bool matrix into int64 {pct('row_sum')}%), "
-        "building the exclusion masks (`zeros_like`, `&= ~is_target`, `| is_target`: "
-        f"{pct('mask_ops')}%) and the target-position mask (a scatter into a ({args.queries} x chunk+1) bool "
-        f"matrix: {pct('target_mask')}%). Each of these reads and writes {args.queries} x {args.item_chunk} bytes or "
-        f"floats for about one operation per element, against {2 * args.dim} flops per score in the matmul, so they "
-        "are memory-bound.",
-        "",
-        f"Inside the matmul share: (a) *recomputed chunks*: `rank_targets` computes every chunk holding a target in "
-        f"its first pass (with {args.queries} random targets nearly all of them) but keeps only 512 MiB, i.e. "
-        f"{int(512 // chunk_mib)} chunks of {chunk_mib:.0f} MiB, for the second pass, so the others are computed "
-        f"again: {rng([r['matmul_work'] for r in main], '{:.2f}')}x the useful matmul work "
-        f"({rng([100 * r['recompute_s'] / r['t_call'] for r in main])}% of a call); "
-        f"(b) *fresh outputs*: each chunk's scores go to a newly allocated {chunk_mib:.0f} MiB tensor (page faults "
-        f"on first touch): bare chunked matmuls run at {rng([r['mm_fresh_gflops'] for r in main])} GFLOP/s with a "
-        f"fresh output vs {rng([r['mm_out_gflops'] for r in main])} into a reused `out=` (plain `mm` "
-        f"{pk['plain_best']:.0f} vs `out=` {pk['best']:.0f} GFLOP/s in the peak table shows the same effect); "
-        f"(c) the shape ({args.queries} x {args.dim}) @ ({args.dim} x {args.item_chunk}) is less efficient than the "
-        f"(4096 x {args.dim}) x 200000 peak shape even into `out=` ({rng([r['mm_out_gflops'] for r in main])} vs "
-        f"{pk['best']:.0f} GFLOP/s). Collectives move a few KB per call; the rest column "
-        "(first-pass target extraction, collectives, Python, and the noise of the per-op estimate) is "
-        f"{pct('rest')}%. Memory bandwidth for the item rows is not the "
-        f"limit: every row is reused by all {args.queries} queries of a call. Top-K selection is not in the "
-        "evaluator's default path (`validate.py` passes no `topk`); the top-K rows show what a `torch.topk` per "
-        "chunk plus the two stable sorts of the merge would add.",
-        "",
-        "What would close most of the gap (suggestions, not done here): count without materialising masks, i.e. "
-        "`(s > threshold).sum(1, dtype=torch.int32)` and then subtract the few excluded items (target, padding, "
-        "history) that scored above the threshold, looked up by index; score into one reused `out=` buffer; and size "
-        "the score cache (or extract target scores with per-target dot products from the same chunk operands) so that "
-        "no chunk is computed twice.",
-    ]
-    return text
 
 
 def _plot(rows, peak: float, path: Path, args) -> None:

@@ -198,6 +198,16 @@ def evaluate_case(
             histories=hist, mask_history=case.mask_history, ks=case.ks, topk=case.topk,
             group=group, item_chunk=case.item_chunk, score_cache_bytes=case.score_cache_bytes,
         )
+        # The one-pass count (no top-k: what validation runs) gives the same integers and
+        # target scores as the two-pass path checked against brute force below, bit for bit.
+        fast = rank_targets(
+            case.queries[idx], case.targets[idx], block, lo, case.num_rows,
+            histories=hist, mask_history=case.mask_history, ks=case.ks, topk=0,
+            group=group, item_chunk=case.item_chunk,
+        )
+        assert torch.equal(fast.ranks, res.ranks), (case.name, fast.ranks, res.ranks)
+        assert torch.equal(fast.ties_count, res.ties_count), case.name
+        assert torch.equal(fast.target_scores, res.target_scores), case.name
         # Every user of this step is counted exactly once, on every rank.
         expected = sum(s[step] for s in SPLITS[case.num_users][world] if step < len(s))
         assert res.num_users == expected, (res.num_users, expected)
@@ -227,9 +237,13 @@ def evaluate_case(
 
 
 def evaluate_all(rank: int, world: int) -> dict[str, Any]:
+    from recsys_dist.eval import onepass
+
     out: dict[str, Any] = {}
+    before = dict(onepass.CALLS)
     for name in CASES:
         out[name] = evaluate_case(make_case(name), rank, world, None)
+    out["paths"] = {k: onepass.CALLS[k] - before[k] for k in before}
     if world == 1:
         return out
 
@@ -576,3 +590,50 @@ def test_invalid_input_on_one_rank_raises_everywhere(
 def test_worker_failure_propagates() -> None:
     with pytest.raises(mp.ProcessRaisedException, match="deliberate failure"):
         spawn(_failing_worker, 2)
+
+
+def test_one_pass_ran_and_falls_back_exactly(results: dict[int, list[dict[str, Any]]], monkeypatch) -> None:
+    """Every topk-0 call of the cases above took the one-pass count (none fell back), and when
+    a chunk does not reproduce a target score of the owner's small matmul (here: one score off
+    by one ulp), the call falls back to the two-pass count and gives its result exactly."""
+    for world, per_rank in results.items():
+        for out in per_rank:
+            assert out["paths"]["one_pass"] > 0 and out["paths"]["fallback"] == 0, (world, out["paths"])
+    from recsys_dist.eval import onepass
+
+    case = make_case("randn")
+    args = (case.queries, case.targets, case.items, 0, case.num_rows)
+    kwargs = dict(histories=case.histories, mask_history=True, ks=case.ks, item_chunk=case.item_chunk)
+    fast = rank_targets(*args, **kwargs)
+    exact = onepass.owner_scores
+
+    def off_by_one_ulp(q_all, rows, users):
+        out = exact(q_all, rows, users)
+        out[0] = torch.nextafter(out[0], torch.tensor(math.inf))
+        return out
+
+    monkeypatch.setattr(onepass, "owner_scores", off_by_one_ulp)
+    before = dict(onepass.CALLS)
+    slow = rank_targets(*args, **kwargs)
+    assert onepass.CALLS["fallback"] == before["fallback"] + 1
+    assert torch.equal(fast.ranks, slow.ranks) and torch.equal(fast.ties_count, slow.ties_count)
+    assert torch.equal(fast.target_scores, slow.target_scores)
+
+
+def test_compiled_counts_equal_the_two_pass_count(monkeypatch) -> None:
+    """The fused (torch.compile) compare-and-count that large catalogs use gives the integers of
+    the two-pass path, on every case (tests run small catalogs, which count eagerly otherwise)."""
+    from recsys_dist.eval import onepass
+
+    monkeypatch.setattr(onepass, "COMPILE_MIN_SCORES", 0)
+    for name in CASES:
+        case = make_case(name)
+        block = popularity_block(case.counts, 0, case.num_rows) if case.counts is not None else case.items
+        args = (case.queries, case.targets, block, 0, case.num_rows)
+        kwargs = dict(histories=case.histories, mask_history=case.mask_history, ks=case.ks,
+                      item_chunk=case.item_chunk)
+        two_pass = rank_targets(*args, topk=1, **kwargs)
+        one_pass = rank_targets(*args, **kwargs)
+        assert torch.equal(one_pass.ranks, two_pass.ranks), name
+        assert torch.equal(one_pass.ties_count, two_pass.ties_count), name
+    assert onepass._compiled not in (None, False)  # it did compile (a failure counts eagerly)

@@ -49,6 +49,13 @@ def _empty_2d(ids: torch.Tensor | None) -> torch.Tensor | None:
     return ids.reshape(0, ids.shape[-1] if ids.dim() == 2 else 0)
 
 
+def _all_finite(x: torch.Tensor) -> bool:
+    """Whether every entry of the 2-D ``x`` is finite. Its row norms are NaN/inf when a row
+    holds NaN/inf (one read of ``x``, no boolean copy); only when they are not finite -- a
+    NaN/inf, or finite rows whose norm overflows -- is every entry looked at."""
+    return bool(torch.isfinite(torch.linalg.vector_norm(x, dim=1)).all()) or bool(torch.isfinite(x).all())
+
+
 def _query_and_block_problems(queries: torch.Tensor, item_block: torch.Tensor, row_offset: int) -> list[str]:
     """Shape, dtype and NaN/inf problems of ``queries`` and ``item_block`` (the NaN/inf messages
     start with the prefixes :func:`_problem_kinds` recognises). When ``item_block`` is not 2-D
@@ -64,7 +71,7 @@ def _query_and_block_problems(queries: torch.Tensor, item_block: torch.Tensor, r
     elif queries.numel() and not bool(torch.isfinite(queries).all()):
         bad = int((~torch.isfinite(queries)).any(dim=-1).sum()) if queries.dim() == 2 else -1
         problems.append(f"queries hold NaN/inf values ({bad} of {queries.shape[0]} users)")
-    if item_block.dtype in _FLOAT_DTYPES and item_block.numel() and not bool(torch.isfinite(item_block).all()):
+    if item_block.dtype in _FLOAT_DTYPES and item_block.numel() and not _all_finite(item_block):
         bad = int((~torch.isfinite(item_block)).any(dim=-1).sum())
         problems.append(f"item rows hold NaN/inf values ({bad} rows from global id {row_offset})")
     return problems

@@ -55,7 +55,9 @@ from recsys_dist.eval.checks import (
     _make_header,
     _target_problems,
 )
+from recsys_dist.eval import onepass
 from recsys_dist.eval.metrics import RankResult, metrics_from_histogram, positions_summary
+from recsys_dist.eval.onepass import count_one_pass, fast_path_ok
 from recsys_dist.eval.scoring import (
     DEFAULT_SCORE_CACHE_BYTES,
     _chunk_masks,
@@ -272,14 +274,23 @@ def rank_targets(
     q_all, t_all, h_all = _gather_targets(queries, targets, histories, headers, sizes, group,
                                           world, device)
 
-    # ---- 3. first pass: target scores from the owner's score matrices --------------------
-    passes = _ChunkPasses(q_all, item_block, row_offset, item_chunk, t_all[:, None], None, dtype,
-                          score_cache_bytes)
-    t_scores = passes.target_scores((total, 1), group, world)[:, 0]
-
-    # ---- 4. second pass: count strictly higher / tied candidates (+ local top-k) ----------
-    counts, equal, top = _count_candidates(passes, t_scores, t_all, h_all, topk)
-    packed = passes.reduce_counts([counts, equal], "rank_targets", group, world)
+    # ---- 3-4. count strictly higher / tied candidates: one pass without top-k (onepass.py),
+    # else target scores from the owners' score matrices first, then the counts --------------
+    fast = fast_path_ok(dtype, topk)
+    one_pass = count_one_pass(q_all, t_all, h_all, item_block, row_offset, item_chunk, group, world) \
+        if fast else None
+    top = None
+    if one_pass is not None:
+        onepass.CALLS["one_pass"] += 1
+        counts, equal, t_scores = one_pass
+        packed = torch.cat([counts, equal])  # already summed over the ranks
+    else:
+        onepass.CALLS["fallback"] += int(fast)
+        passes = _ChunkPasses(q_all, item_block, row_offset, item_chunk, t_all[:, None], None, dtype,
+                              score_cache_bytes)
+        t_scores = passes.target_scores((total, 1), group, world)[:, 0]
+        counts, equal, top = _count_candidates(passes, t_scores, t_all, h_all, topk)
+        packed = passes.reduce_counts([counts, equal], "rank_targets", group, world)
     all_ranks, all_equal = packed[:total], packed[total:2 * total]
     own = slice(first_user, first_user + b)
     ranks = all_ranks[own].clone()
