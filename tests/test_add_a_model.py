@@ -67,3 +67,7 @@ def test_readme_recipe_adds_a_model_that_trains(tmp_path) -> None:
     assert losses[0] > 7.0  # ln(~3,000 items of the 200-user slice) = 8.0
     assert sum(losses[-5:]) / 5 < 0.95 * losses[0]
     assert all(math.isfinite(v) for v in metrics["test"].values())
+    # the run measures its own memory: peak RSS per rank, and the table rows it held
+    assert len(metrics["peak_rss_gib_per_rank"]) == 1 and 0.1 < metrics["peak_rss_gib_per_rank"][0] < 24
+    table = metrics["item_table"]
+    assert table["row_bytes_per_rank"] == [table["rows"] * 32 * 4]  # 1 rank holds every row, fp32, d 32

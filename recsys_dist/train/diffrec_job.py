@@ -35,10 +35,10 @@ from recsys_dist.models.diffrec import (DiffRecConfig, DiffRecDense, LDiffRecDen
                                         kmeans, temporal_weights)
 from recsys_dist.sparse import ShardedItemTable, check_sparse_config
 from recsys_dist.sparse.wide import WideLayers, WideLayout, column_noise, jagged_to_padded
-from recsys_dist.distributed import (all_reduce_mean, barrier, gather_objects, gather_rows, init_distributed, max_over_ranks, multi_rank,
+from recsys_dist.distributed import (all_reduce_mean, barrier, gather_rows, init_distributed, max_over_ranks, multi_rank,
                                      pick_device, rank_and_world, seed_everything)
 from recsys_dist.train.engine import build_engine
-from recsys_dist.train.report import RunReport, setup_logging
+from recsys_dist.train.report import RunReport, peak_rss_gib_per_rank, setup_logging
 from recsys_dist.train.catalog_loss import ShardedColumnMSE
 from recsys_dist.train.step import NonFiniteLossError
 
@@ -445,8 +445,7 @@ def fit(cfg: JobConfig) -> dict[str, Any]:
     popularity = evaluate_split(engine.module, wide, cfg, "test", url, popularity=counts)
     log.info("test (state of step %d, selected on val %s): %s", best_step, cfg.eval.select_metric,
              " ".join(f"{k}={v:.4f}" for k, v in test.items() if k.startswith(("Recall@", "NDCG@"))))
-    import resource
-    rss = gather_objects(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)  # KiB -> GiB (Linux)
+    rss = peak_rss_gib_per_rank()
     payload = {
         "name": cfg.name, "model": f"diffrec:{dcfg.variant}", "peak_rss_gib_per_rank": rss,
         "item_table": {"rows": wide.table.num_rows, "dim": wide.layout.dim, "sharding": cfg.sparse.sharding,

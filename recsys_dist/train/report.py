@@ -13,6 +13,15 @@ from typing import Any
 log = logging.getLogger("recsys_dist")
 
 
+def peak_rss_gib_per_rank() -> list[float]:
+    """Every rank's peak resident set size so far, GiB, in rank order (collective; Linux
+    ``ru_maxrss`` is in KiB)."""
+    import resource
+
+    from recsys_dist.distributed import gather_objects
+    return gather_objects(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+
+
 def setup_logging(rank: int, run_dir: Path | None = None) -> None:
     """Rank-prefixed log lines on stderr (rank 0 at INFO, others at WARNING) and a file."""
     level = logging.INFO if rank == 0 else logging.WARNING

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from recsys_dist.config import JobConfig, stream_seed
-from recsys_dist.distributed import barrier, init_distributed, pick_device, seed_everything
+from recsys_dist.distributed import barrier, gather_objects, init_distributed, pick_device, seed_everything
 from recsys_dist.models import build_model
 from recsys_dist.sparse import ShardedItemTable, check_sparse_config
 from recsys_dist.train.catalog_loss import build_catalog_loss
@@ -26,7 +26,7 @@ from recsys_dist.train.data import (ensure_shards, eval_subset, load_item_counts
                                     train_steps_per_epoch)
 from recsys_dist.train.engine import build_engine
 from recsys_dist.train.negatives import NegativeSampler
-from recsys_dist.train.report import RunReport, setup_logging
+from recsys_dist.train.report import RunReport, peak_rss_gib_per_rank, setup_logging
 from recsys_dist.train.step import check_objective, train_step
 from recsys_dist.train.validate import evaluate_model, evaluate_popularity
 
@@ -283,6 +283,10 @@ class Trainer:
                                          self._eval_batches("test", cfg.eval.test_max_users), cfg.eval,
                                          self.rank, self.world)
         payload = self._payload(test, test_std, seeds, per_seed, popularity)
+        payload["peak_rss_gib_per_rank"] = peak_rss_gib_per_rank()  # training and evaluation included
+        rows = sum(t.numel() * t.element_size() for _, _, t in self.table.local_shards())
+        payload["item_table"] = {"rows": self.num_rows, "dim": self.table.dim, "sharding": self.cfg.sparse.sharding,
+                                 "row_bytes_per_rank": [int(b) for b in gather_objects(rows)]}
         self.report.save(payload)
         self.report.close()
         barrier()
