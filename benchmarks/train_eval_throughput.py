@@ -88,7 +88,12 @@ def main() -> None:
                 t0 = time.perf_counter()
             train_step(engine, table, b["history"].to(device), b["target"].to(device), step, 0)
         torch.distributed.barrier()
-        train_sps = steps * global_batch / (time.perf_counter() - t0)
+        # the samples actually processed: an epoch may hold fewer than warmup + steps batches
+        timed = len(batches) - args.warmup
+        if timed < steps and rank == 0:
+            print(f"{name}: the train split gives {len(batches)} batches a rank; timed {timed} steps, not {steps}")
+        train_sps = timed * global_batch / (time.perf_counter() - t0)
+        steps = timed
         cfg.eval.batch_size = 256
         test, _ = make_loader(cfg, manifest, "test", rank, world, False, cfg.eval.batch_size)
         users = ({k: v[b["user"] < eval_users] for k, v in b.items()} for b in test)

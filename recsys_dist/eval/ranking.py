@@ -55,9 +55,8 @@ from recsys_dist.eval.checks import (
     _make_header,
     _target_problems,
 )
-from recsys_dist.eval import onepass
 from recsys_dist.eval.metrics import RankResult, metrics_from_histogram, positions_summary
-from recsys_dist.eval.onepass import count_one_pass, fast_path_ok
+from recsys_dist.eval.onepass import CALLS, count_one_pass, fast_path_ok
 from recsys_dist.eval.scoring import (
     DEFAULT_SCORE_CACHE_BYTES,
     _chunk_masks,
@@ -281,11 +280,11 @@ def rank_targets(
         if fast else None
     top = None
     if one_pass is not None:
-        onepass.CALLS["one_pass"] += 1
+        CALLS["one_pass"] += 1
         counts, equal, t_scores = one_pass
         packed = torch.cat([counts, equal])  # already summed over the ranks
     else:
-        onepass.CALLS["fallback"] += int(fast)
+        CALLS["fallback"] += int(fast)
         passes = _ChunkPasses(q_all, item_block, row_offset, item_chunk, t_all[:, None], None, dtype,
                               score_cache_bytes)
         t_scores = passes.target_scores((total, 1), group, world)[:, 0]
