@@ -307,7 +307,8 @@ def main() -> None:
                 r = measured(lambda: time_trainer(engine, table, bs, args.train_warmup, loss, step0), args,
                              f"{name} {loss}")
                 step0 += 100
-                r.update(model=name, loss=loss, blocks=cfg.model.num_blocks, heads=cfg.model.num_heads)
+                r.update(model=name, loss=loss, blocks=getattr(cfg.model, "num_blocks", None),
+                         heads=getattr(cfg.model, "num_heads", None))
                 train_rows.append(r)
                 print(f"  trainer {name:8s} {loss:15s}: {r['s_per_step']:.3f} s/step = {r['samples_per_s']:7.0f} "
                       f"samples/s (other load {r['other_cores']:.2f} cores)", flush=True)

@@ -295,6 +295,10 @@ def gather_rows(x: torch.Tensor, sizes: list[int] | None = None,
     if world == 1:
         return x
     sizes = list(sizes) if sizes is not None else [x.shape[0]] * world
+    rank = rank_and_world(group)[0]
+    if len(sizes) != world or x.shape[0] != sizes[rank]:
+        raise ValueError(f"gather_rows: rank {rank} holds {x.shape[0]} rows but sizes say {sizes} "
+                         f"for {world} ranks")
     most = max(sizes)
     if x.shape[0] < most:
         x = torch.cat([x, x.new_zeros((most - x.shape[0],) + tuple(x.shape[1:]))])

@@ -637,3 +637,14 @@ def test_compiled_counts_equal_the_two_pass_count(monkeypatch) -> None:
         assert torch.equal(one_pass.ranks, two_pass.ranks), name
         assert torch.equal(one_pass.ties_count, two_pass.ties_count), name
     assert onepass._compiled not in (None, False)  # it did compile (a failure counts eagerly)
+
+
+def test_inputs_that_require_grad_are_ranked() -> None:
+    """A caller evaluating with grad mode on (queries or rows that require grad) gets the same
+    ranks as with detached inputs (the one pass matmuls into a reused buffer, without autograd)."""
+    case = make_case("randn")
+    items = case.items.clone().requires_grad_(True)
+    queries = case.queries.clone().requires_grad_(True)
+    with_grad = rank_targets(queries, case.targets, items, 0, case.num_rows, ks=case.ks)
+    plain = rank_targets(case.queries, case.targets, case.items, 0, case.num_rows, ks=case.ks)
+    assert torch.equal(with_grad.ranks, plain.ranks) and torch.equal(with_grad.ties_count, plain.ties_count)

@@ -73,9 +73,17 @@ def _counts(s: torch.Tensor, t: torch.Tensor, compiled: bool) -> tuple[torch.Ten
 _buffer: torch.Tensor | None = None
 
 
+def release_score_buffer() -> None:
+    """Free the score buffer kept between calls (the evaluator calls this when an evaluation
+    ends, so training does not hold B x item_chunk scores)."""
+    global _buffer
+    _buffer = None
+
+
 def _score_buffer(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A (rows, cols) view of one score buffer kept across calls: a fresh (B, item_chunk) output
-    per call pays for its first touch (page faults), as much as a chunk's matmul at 1M items."""
+    """A (rows, cols) view of one score buffer kept across the calls of an evaluation: a fresh
+    (B, item_chunk) output per call pays for its first touch (page faults), as much as a chunk's
+    matmul at 1M items. No tensor returned to a caller is a view of it."""
     global _buffer
     need = rows * cols
     if _buffer is None or _buffer.dtype != dtype or _buffer.device != device or _buffer.numel() < need:
@@ -115,6 +123,7 @@ def owner_scores(q_all: torch.Tensor, rows: torch.Tensor, users: torch.Tensor) -
     return (q_all @ rows.T)[users, torch.arange(n, device=rows.device)]
 
 
+@torch.no_grad()
 def count_one_pass(q_all: torch.Tensor, t_all: torch.Tensor, h_all: torch.Tensor | None,
                    item_block: torch.Tensor, row_offset: int, item_chunk: int,
                    group: dist.ProcessGroup | None, world: int
@@ -133,7 +142,11 @@ def count_one_pass(q_all: torch.Tensor, t_all: torch.Tensor, h_all: torch.Tensor
     if own.numel():
         t_local[own] = owner_scores(q_all, item_block[pos[own]].to(dtype), own)
     bound = float(q_all.float().norm(dim=1).max()) if total else 0.0
-    bound *= float(torch.linalg.vector_norm(item_block.float(), dim=1).max()) if n_local else 0.0
+    if n_local:  # float32 accumulation for half-precision blocks, without a float32 copy of the block
+        wide = torch.float32 if item_block.dtype in (torch.float16, torch.bfloat16) else None
+        bound *= float(torch.linalg.vector_norm(item_block, dim=1, dtype=wide).max())
+    else:
+        bound = 0.0
     overflow = bound >= float(torch.finfo(dtype).max) / 4  # |score| <= |q| |e|
     shared = torch.cat([t_local.double(), torch.tensor([float(overflow)], dtype=torch.float64, device=device)])
     if world > 1:

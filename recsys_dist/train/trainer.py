@@ -117,6 +117,7 @@ class Trainer:
         self._t_train, self._timed_steps, self._local_steps = 0.0, 0, 0
         self.stop_early = False
         self.reader = None  # the current epoch's reader (its position goes into checkpoints)
+        self.bar = None  # the progress bar (rank 0), made by the first train_epoch
 
     # ---- set-up ------------------------------------------------------------------------
     def _catalog_loss(self, model):
@@ -168,18 +169,15 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to ``train.max_epochs`` / ``train.max_steps`` or early stop, validate at the
         end unless just done, checkpoint, then select and test once."""
-        from tqdm import tqdm
-
         cfg, state = self.cfg, self.state
         log.info("%d steps per epoch (batch %d x %d ranks); run: %d steps (%s), validate every %s",
                  self.steps_per_epoch, cfg.train.batch_size, self.world, self.total_steps,
                  f"{cfg.train.max_epochs} epochs" if cfg.train.max_epochs > 0 else "train.max_steps",
                  f"{self.eval_every} steps" if self.eval_every else "run end")
-        self.bar = tqdm(total=self.total_steps, initial=state.step, desc=f"train {cfg.name}",
-                        disable=self.rank != 0, dynamic_ncols=True)
         while state.step < self.total_steps and not self.stop_early:
             self.train_epoch()
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
         if not any(s == state.step for s, _ in self.report.val):  # not already validated at this step
             self.validate()
         self.save_checkpoint()
@@ -189,6 +187,10 @@ class Trainer:
         """The rest of the current epoch (from ``state.batch_in_epoch``), validating and
         checkpointing on their schedules; stops early at the run's end or an early stop."""
         cfg, state = self.cfg, self.state
+        if self.bar is None:
+            from tqdm import tqdm
+            self.bar = tqdm(total=self.total_steps, initial=state.step, desc=f"train {cfg.name}",
+                            disable=self.rank != 0, dynamic_ncols=True)
         loader, _ = self._train_loader()
         self.reader = loader.dataset
         for batch in loader:

@@ -19,6 +19,7 @@ import torch
 from recsys_dist.config import EvalConfig, stream_seed
 from recsys_dist.distributed import collective_device, in_lockstep, row_range
 from recsys_dist.eval import MetricAccumulator, rank_targets
+from recsys_dist.eval.onepass import release_score_buffer
 from recsys_dist.sparse import ShardedItemTable
 from recsys_dist.train.step import embed
 
@@ -78,6 +79,7 @@ def evaluate_model(model, table: ShardedItemTable, batches: Iterable[dict], cfg:
         if progress is not None:
             progress.update(int(batch["target"].shape[0]))
     model.train(was_training)
+    release_score_buffer()  # the evaluator's scores are not kept through training
     return acc.compute()
 
 
@@ -96,4 +98,5 @@ def evaluate_popularity(item_counts: torch.Tensor, num_rows: int, batches: Itera
                               block, lo, num_rows, histories=_seen(batch).to(device),
                               mask_history=cfg.mask_history, ks=cfg.ks, ties=cfg.ties)
         acc.update(result)
+    release_score_buffer()  # the evaluator's scores are not kept through training
     return acc.compute()
