@@ -422,6 +422,12 @@ LEGACY_MODEL_FIELDS = frozenset((
     "guidance_ce_weight", "rank_by", "num_layers", "mcrl_use_cnn", "mcrl_use_lstm", "mcrl_local_weight",
     "num_interests", "gem", "lambda_recon", "mu_ssm", "sphere"))
 
+#: fields a model gained after the flat section: a flat section's value was another model's
+#: (e.g. DreamRec's ``sample_steps: 20``), so it is dropped and the field takes its default
+FIELDS_ADDED_SINCE_FLAT: dict[str, frozenset[str]] = {
+    "diffurec": frozenset(("sample_steps", "eta")),  # DiffuRec's DDIM sampler
+}
+
 
 def _migrate_model_section(data: dict[str, Any]) -> dict[str, Any]:
     """A stored config's ``model`` section as the named model's config has it: fields of the
@@ -429,7 +435,10 @@ def _migrate_model_section(data: dict[str, Any]) -> dict[str, Any]:
     model = data.get("model")
     if not isinstance(model, dict) or model.get("name", "diffurec") not in MODEL_CONFIGS:
         return data
-    own = {f.name for f in dataclasses.fields(MODEL_CONFIGS[model.get("name", "diffurec")])}
+    name = model.get("name", "diffurec")
+    own = {f.name for f in dataclasses.fields(MODEL_CONFIGS[name])}
+    if any(k in LEGACY_MODEL_FIELDS and k not in own for k in model):  # the old flat section
+        own -= FIELDS_ADDED_SINCE_FLAT.get(name, frozenset())  # there, these belonged to other models
     return {**data, "model": {k: v for k, v in model.items() if k in own or k not in LEGACY_MODEL_FIELDS}}
 
 

@@ -181,6 +181,18 @@ def test_configs_stored_with_the_flat_model_section_still_load(overrides):
     assert stored_config_as_now(old) == now.to_dict()
 
 
+def test_a_flat_section_keeps_diffurec_on_the_sampler_it_ran_with():
+    """The flat section stored DreamRec's ``sample_steps: 20`` beside a DiffuRec run, which
+    sampled all T steps ancestrally; DiffuRec's own ``sample_steps`` (DDIM) came later."""
+    old = load_config(None, ["model.name=diffurec"]).to_dict()
+    old["model"] = dict(FLAT_MODEL_SECTION)
+    assert old["model"]["sample_steps"] == 20
+    model = config_from_dict(old).model
+    assert (model.sample_steps, model.eta) == (0, 0.0)
+    ddim = load_config(None, ["model.name=diffurec", "model.sample_steps=4"]).to_dict()
+    assert config_from_dict(ddim).model.sample_steps == 4  # today's own field is kept
+
+
 def test_each_model_stores_only_its_own_fields():
     sasrec = load_config(None, ["model.name=sasrec"]).to_dict()["model"]
     assert set(sasrec) == {"name", "dim", "num_blocks", "num_heads", "dropout", "emb_dropout"}

@@ -101,16 +101,18 @@ def test_rank_by_guidance_returns_the_guidance(name):
 
 # DiffuRec: the official form (WHUIR/DiffuRec, the default) and the paper form ----------------
 
+@pytest.mark.parametrize("sample_steps", [0, 3])  # the paper's T ancestral steps; DDIM
 @pytest.mark.parametrize("form, width", [("official", D), ("paper", 1)])
-def test_diffurec_noise_shapes_and_padding_by_form(form, width):
-    model = _model("diffurec", diffurec_form=form).eval()
+def test_diffurec_noise_shapes_and_padding_by_form(form, width, sample_steps):
+    model = _model("diffurec", diffurec_form=form, sample_steps=sample_steps).eval()
     assert model.form == form
     noise = model.draw_noise(4, L, torch.Generator().manual_seed(1))
     assert noise["lam"].shape == (4, L, width)
     assert noise["t"].shape == (4,) and noise["eps"].shape == (4, D)
     ev = model.draw_eval_noise(4, L, torch.Generator().manual_seed(2))
-    assert ev["lam"].shape == (4, model.steps, L, width)
-    assert ev["x_T"].shape == (4, D) and ev["eps"].shape == (4, model.steps, D)
+    S = sample_steps or model.steps
+    assert ev["lam"].shape == (4, S, L, width)
+    assert ev["x_T"].shape == (4, D) and ev["eps"].shape == (4, S, D)
     again = model.draw_eval_noise(4, L, torch.Generator().manual_seed(2))  # from the generator only
     assert all(torch.equal(ev[k], again[k]) for k in ev)
     hist, mask, target = _inputs()
@@ -155,6 +157,62 @@ def test_diffurec_official_normalises_history_before_the_noise_and_the_output():
 def test_diffurec_unknown_form_raises():
     with pytest.raises(ValueError, match="diffurec_form"):
         _model("diffurec", diffurec_form="Official")
+    with pytest.raises(ValueError, match="sample_steps"):
+        _model("diffurec", sample_steps=9)  # T = 8
+    with pytest.raises(ValueError, match="eta"):
+        _model("diffurec", sample_steps=4, eta=1.5)
+
+
+def _diffurec_inputs(model, seed=7):
+    hist, mask, _ = _inputs(seed)
+    return hist, mask, model.draw_eval_noise(4, L, torch.Generator().manual_seed(seed))
+
+
+def test_diffurec_default_sampler_is_the_papers_ancestral_chain():
+    """sample_steps 0: T ancestral steps (paper Algorithm 1) with lambda slice i at the i-th
+    reverse step, written out here step by step; the noise is the draws of before
+    (x_T, eps (T, d), lambda (T, L, d) from one generator, in that order)."""
+    model = _model("diffurec", lambda_uncertainty=0.5, sample_steps=0).eval()
+    T = model.steps
+    hist, mask, ev = _diffurec_inputs(model)
+    g = torch.Generator().manual_seed(7)
+    x_T, eps = torch.randn(4, D, generator=g), torch.randn(4, T, D, generator=g)
+    lam = 0.5 + 0.5 * torch.randn(4, T, L, D, generator=g)
+    assert torch.equal(ev["x_T"], x_T) and torch.equal(ev["eps"], eps) and torch.equal(ev["lam"], lam)
+    x = x_T
+    for i, s in enumerate(range(T - 1, -1, -1)):
+        t = torch.full((4,), s)
+        x = model.diffusion.p_step(model.approximate(hist, mask, x, t, lam[:, i]), x, t, eps[:, i])
+    assert torch.equal(model.infer(hist, mask, ev), x)
+
+
+def test_diffurec_ddim_with_every_step_and_eta_1_is_the_ancestral_chain():
+    ancestral = _model("diffurec", lambda_uncertainty=0.5, sample_steps=0).eval()
+    ddim = _model("diffurec", lambda_uncertainty=0.5, sample_steps=8, eta=1.0).eval()
+    ddim.load_state_dict(ancestral.state_dict())
+    hist, mask, ev = _diffurec_inputs(ancestral)
+    assert torch.allclose(ddim.infer(hist, mask, ev), ancestral.infer(hist, mask, ev), atol=1e-4)
+
+
+def test_diffurec_ddim_visits_its_subsequence_with_one_lambda_draw_each():
+    """S = 3 of T = 8: steps [7, 4, 0] (x0-prediction DDIM, eta 0); slice i of lambda is used
+    at the i-th visited step and nowhere else; eps is unused at eta 0."""
+    from recsys_dist.diffusion.samplers import ddim_step
+
+    model = _model("diffurec", lambda_uncertainty=0.5, sample_steps=3, eta=0.0).eval()
+    assert model.reverse_steps() == [7, 4, 0]
+    hist, mask, ev = _diffurec_inputs(model)
+    x, grid = ev["x_T"], [7, 4, 0]
+    for i, s in enumerate(grid):
+        x0 = model.approximate(hist, mask, x, torch.full((4,), s), ev["lam"][:, i])
+        x = ddim_step(model.diffusion, x0, x, s, grid[i + 1] if i + 1 < 3 else -1, 0.0, ev["eps"][:, i])
+    q = model.infer(hist, mask, ev)
+    assert torch.equal(q, x)
+    assert torch.equal(model.infer(hist, mask, dict(ev, eps=torch.randn_like(ev["eps"]))), q)
+    for i in range(3):
+        lam = ev["lam"].clone()
+        lam[:, i] += 1.0
+        assert not torch.allclose(model.infer(hist, mask, dict(ev, lam=lam)), q, atol=1e-4), i
 
 
 @pytest.mark.parametrize("form", ["official", "paper"])

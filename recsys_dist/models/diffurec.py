@@ -11,6 +11,13 @@ Inference (Algorithm 1): x_T ~ N(0, I); for s = T-1..0, x0_hat = f(z(x_s, s)) an
 x_{s-1} = posterior mean + sqrt(posterior var) eps' (Eq. 16); x_0 is the query (rounding by
 inner product = ranking the catalog, Eq. 19).
 
+Few-step inference (``model.sample_steps`` = S, 0 < S < T; not in the paper): DDIM (Song et al.
+2021) over the evenly spaced subsequence ``ddim_timesteps(T, S)`` of the same x0-predicting
+approximator, eta = ``model.eta`` (0: deterministic apart from lambda). The approximator is
+unchanged, so any trained DiffuRec samples either way; a fresh lambda is drawn at each of the S
+steps. ``sample_steps`` 0 (the default) is the paper's T ancestral steps, bit for bit as before.
+Quality against S: docs/models.md, "DiffuRec in few steps" (benchmarks/diffurec_few_step.py).
+
 Choices where the paper is vague (see docs/models.md): d_s is a sinusoidal step embedding followed by
 a 2-layer MLP (Linear d->4d, SiLU, Linear 4d->d); x_0 is the target embedding itself (the extra
 "one step of diffusion" from e to x_0 is skipped); lambda is also sampled at inference, afresh at
@@ -52,7 +59,7 @@ import torch
 from torch import nn
 
 from recsys_dist.diffusion import GaussianDiffusion, NoiseSchedule, timestep_embedding
-from recsys_dist.diffusion.samplers import ddpm_sample
+from recsys_dist.diffusion.samplers import ddim_sample, ddim_timesteps, ddpm_sample
 from recsys_dist.models.base import DiffusionFields, EncoderFields, ModelConfig, SequenceRecommender
 from recsys_dist.models.transformer import TransformerEncoder, attention_mask
 
@@ -62,10 +69,17 @@ OFFICIAL_LN_EPS = 1e-12  # the official TF-style LayerNorm (src/model.py:13, src
 
 class DiffuRec(SequenceRecommender):
     def __init__(self, dim: int, num_blocks: int, num_heads: int, dropout: float, emb_dropout: float,
-                 steps: int, schedule: str, lambda_uncertainty: float, form: str = "official") -> None:
+                 steps: int, schedule: str, lambda_uncertainty: float, form: str = "official",
+                 sample_steps: int = 0, eta: float = 0.0) -> None:
         super().__init__()
         if form not in FORMS:
             raise ValueError(f"DiffuRec form (model.diffurec_form) must be one of {FORMS}, got {form!r}")
+        if not 0 <= sample_steps <= steps:
+            raise ValueError(f"model.sample_steps must be 0 (all {steps} ancestral steps) or in [1, {steps}] "
+                             f"(DDIM), got {sample_steps}")
+        if not 0.0 <= eta <= 1.0:
+            raise ValueError(f"model.eta must be in [0, 1], got {eta}")
+        self.sample_steps, self.eta = sample_steps, eta
         self.form = form
         self.dim = dim
         self.lam = lambda_uncertainty
@@ -98,12 +112,19 @@ class DiffuRec(SequenceRecommender):
             "lam": self._lambda((batch_size, max_len, self._lam_width()), generator),
         }
 
+    def reverse_steps(self) -> list[int]:
+        """The 0-based diffusion steps the reverse process visits, noisiest first: all T
+        (ancestral, ``sample_steps`` 0) or the DDIM subsequence of ``sample_steps``."""
+        if self.sample_steps == 0:
+            return list(reversed(range(self.steps)))
+        return ddim_timesteps(self.steps, self.sample_steps)
+
     def draw_eval_noise(self, batch_size, max_len, generator):
-        T = self.steps
+        S = len(self.reverse_steps())  # T for the paper's sampler: the same draws as before
         return {
             "x_T": torch.randn(batch_size, self.dim, generator=generator),
-            "eps": torch.randn(batch_size, T, self.dim, generator=generator),
-            "lam": self._lambda((batch_size, T, max_len, self._lam_width()), generator),
+            "eps": torch.randn(batch_size, S, self.dim, generator=generator),
+            "lam": self._lambda((batch_size, S, max_len, self._lam_width()), generator),
         }
 
     def approximate(self, hist: torch.Tensor, mask: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
@@ -132,13 +153,16 @@ class DiffuRec(SequenceRecommender):
 
     @torch.no_grad()
     def infer(self, hist, mask, noise):
-        lam = noise["lam"]  # (B, T, L, d | 1): a fresh lambda draw at every reverse step
-        T = self.steps
+        lam = noise["lam"]  # (B, S, L, d | 1): a fresh lambda draw at each of the S reverse steps
+        index = {t: i for i, t in enumerate(self.reverse_steps())}
 
         def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return self.approximate(hist, mask, x_t, t, lam[:, T - 1 - int(t[0])])
+            return self.approximate(hist, mask, x_t, t, lam[:, index[int(t[0])]])
 
-        return ddpm_sample(denoise, self.diffusion, noise["x_T"].to(hist.dtype), noise["eps"])
+        x_T = noise["x_T"].to(hist.dtype)
+        if self.sample_steps == 0:
+            return ddpm_sample(denoise, self.diffusion, x_T, noise["eps"])
+        return ddim_sample(denoise, self.diffusion, x_T, self.sample_steps, self.eta, noise["eps"])
 
 
 @dataclass
@@ -148,7 +172,10 @@ class DiffuRecConfig(DiffusionFields, EncoderFields, ModelConfig):
     name: str = "diffurec"
     lambda_uncertainty: float = 0.001  # lambda ~ N(value, value) per history item (per dimension: official)
     diffurec_form: str = "official"  # official (lambda per dim, norm before noise + after encoder) | paper
+    sample_steps: int = 0  # reverse steps at eval: 0 = all diffusion_steps, ancestral (the paper's); S = DDIM
+    eta: float = 0.0  # DDIM eta when sample_steps > 0 (0 = deterministic apart from lambda)
 
     def build(self, max_len: int) -> DiffuRec:
         return DiffuRec(self.dim, self.num_blocks, self.num_heads, self.dropout, self.emb_dropout,
-                        self.diffusion_steps, self.schedule, self.lambda_uncertainty, self.diffurec_form)
+                        self.diffusion_steps, self.schedule, self.lambda_uncertainty, self.diffurec_form,
+                        self.sample_steps, self.eta)

@@ -161,7 +161,7 @@ class Trainer:
         return make_loader(self.cfg, self.manifest, "train", self.rank, self.world, True, self.cfg.train.batch_size,
                            self.state.epoch, self.state.batch_in_epoch)
 
-    def _eval_batches(self, split: str, max_users: int | None):
+    def eval_batches(self, split: str, max_users: int | None):
         loader, _ = make_loader(self.cfg, self.manifest, split, self.rank, self.world, False, self.cfg.eval.batch_size)
         return eval_subset(loader, max_users, self.manifest, split, self.cfg.eval.seed)
 
@@ -222,7 +222,7 @@ class Trainer:
         keeps the best state by ``eval.select_metric`` and decides an early stop."""
         cfg, state = self.cfg, self.state
         t0 = time.perf_counter()
-        metrics = evaluate_model(self.engine.module, self.table, self._eval_batches("val", cfg.eval.val_max_users),
+        metrics = evaluate_model(self.engine.module, self.table, self.eval_batches("val", cfg.eval.val_max_users),
                                  cfg.eval, cfg.data.max_len)
         metrics["seconds"] = time.perf_counter() - t0
         self._t_val += metrics["seconds"]
@@ -274,7 +274,7 @@ class Trainer:
         for seed in seeds:
             t0 = time.perf_counter()
             metrics = evaluate_model(self.engine.module, self.table,
-                                     self._eval_batches("test", cfg.eval.test_max_users), cfg.eval,
+                                     self.eval_batches("test", cfg.eval.test_max_users), cfg.eval,
                                      cfg.data.max_len, seed=seed)
             metrics["seconds"] = time.perf_counter() - t0
             per_seed.append(metrics)
@@ -282,7 +282,7 @@ class Trainer:
         log.info("test (state of step %d, selected on val %s; %d eval seed(s)): %s", state.best_step,
                  cfg.eval.select_metric, len(seeds), _fmt(test))
         popularity = evaluate_popularity(load_item_counts(cfg, self.manifest), self.num_rows,
-                                         self._eval_batches("test", cfg.eval.test_max_users), cfg.eval,
+                                         self.eval_batches("test", cfg.eval.test_max_users), cfg.eval,
                                          self.rank, self.world)
         payload = self._payload(test, test_std, seeds, per_seed, popularity)
         payload["peak_rss_gib_per_rank"] = peak_rss_gib_per_rank()  # training and evaluation included
