@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from recsys_dist.config import TrainConfig
+from recsys_dist.train.report import known_prints_dropped
 
 
 def deepspeed_config(cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
@@ -50,7 +51,8 @@ def build_engine(model: nn.Module, cfg: TrainConfig, device: torch.device):
         optimizer = torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     else:
         raise ValueError(f"unknown dense optimizer '{cfg.optimizer}' (adamw | sgd)")
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                           config=deepspeed_config(cfg, device),
-                                           dist_init_required=False)
+    with known_prints_dropped():  # DeepSpeed's per-process "shm comm op built successfully"
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                               config=deepspeed_config(cfg, device),
+                                               dist_init_required=False)
     return engine

@@ -3,6 +3,7 @@ learning-curve PNG (validation metric against epoch and training wall time)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -56,6 +57,46 @@ KNOWN_NOISE: tuple[tuple[str, str], ...] = (
     # TorchRec's lookups are traced once by torch.fx; the message concerns torch.export users
     ("torch.fx._symbolic_trace", "is_fx_tracing will return true"),
 )
+
+
+#: starts of lines third-party code prints (stdout, not a logger) that are known to be harmless
+KNOWN_PRINTS: tuple[str, ...] = (
+    # DeepSpeed's CPU comm backend JIT-loads its shared-memory op, once per process, and says so
+    "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully",
+)
+
+
+class _DropKnownPrints:
+    """A stdout wrapper that drops whole lines starting with :data:`KNOWN_PRINTS`."""
+
+    def __init__(self, stream) -> None:
+        self.stream, self.pending = stream, ""
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        *lines, self.pending = self.pending.split("\n")
+        for line in lines:
+            if not line.startswith(KNOWN_PRINTS):
+                self.stream.write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        if self.pending and not self.pending.startswith(KNOWN_PRINTS):
+            self.stream.write(self.pending)
+        self.pending = ""
+        self.stream.flush()
+
+
+@contextlib.contextmanager
+def known_prints_dropped():
+    """Run a block with the known-harmless prints of :data:`KNOWN_PRINTS` dropped from stdout
+    (every other line passes through unchanged)."""
+    wrapper = _DropKnownPrints(sys.stdout)
+    with contextlib.redirect_stdout(wrapper):
+        try:
+            yield
+        finally:
+            wrapper.flush()
 
 
 class _KnownNoise(logging.Filter):
