@@ -9,7 +9,8 @@ DreamRec in its official form, at equal epochs, on the same data.
     PYTHONPATH=. python benchmarks/dreamrec_official_curve.py --ours-only --epochs 30
 
 Official side (``--official DIR``; nothing of it is copied into this repository): its modules
-``utils``, ``dreamrec`` (with ``sasrec``) and ``run_dreamrec`` are imported from DIR, and the body
+``utils``, ``dreamrec`` (with ``sasrec``) and ``run_dreamrec`` are imported from DIR (by
+``benchmarks/_official.py``, which ``train_eval_throughput.py`` shares), and the body
 of ``run_dreamrec.py``'s ``__main__`` is replayed in this process on CPU, 1 process x 2 threads
 (``torch.set_num_threads(2)``): its own argument defaults (batch 256, lr 1e-3, AdamW eps 1e-8,
 wd 0, hidden 64, 2 blocks, 1 head, dropout 0.1, uncon_ratio 0.1, cfg_scale 2, T 1000 linear,
@@ -66,8 +67,6 @@ was run with the same ``--epochs`` / ``--eval-every`` (the md says when each sid
 from __future__ import annotations
 
 import argparse
-import contextlib
-import gzip
 import json
 import math
 import os
@@ -75,83 +74,18 @@ import shutil
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, _official
+from _official import (REPO, Frame, dreamrec_args, dreamrec_model_and_optimizer, import_dreamrec,  # noqa: E402
+                       load_split, zhihu_dir)
+
 RUN_NAME = "dreamrec-curve-ours"
 RANDOM_HR20 = 100 * 20 / 4838
 
 
 # ---------------------------------------------------------------------------------------------
-# official side
-
-def load_split(data_dir: Path, split: str):
-    """The rows of ``<split>_data.tsv.gz`` as an (n, 3) object array: (seq int64[10], len_seq, next)."""
-    import numpy as np
-
-    rows = []
-    with gzip.open(data_dir / f"{split}_data.tsv.gz", "rt") as f:
-        header = f.readline().rstrip("\n").split("\t")
-        if header != ["seq", "len_seq", "next"]:
-            raise ValueError(f"{split}_data.tsv.gz: unexpected header {header}")
-        for line in f:
-            seq, len_seq, nxt = line.rstrip("\n").split("\t")
-            rows.append((np.array(seq.split(), dtype=np.int64), int(len_seq), int(nxt)))
-    out = np.empty((len(rows), 3), dtype=object)
-    for i, r in enumerate(rows):
-        out[i, 0], out[i, 1], out[i, 2] = r
-    return out
-
-
-class Frame:
-    """What the official ``RecDataset(df)`` asks of a DataFrame: ``to_numpy()``."""
-
-    def __init__(self, array):
-        self.array = array
-
-    def to_numpy(self):
-        return self.array
-
-    def __len__(self):
-        return len(self.array)
-
-
-@contextlib.contextmanager
-def pandas_stub():
-    """``import pandas`` yields a stub while the official run script is imported (it only needs
-    pandas for its pickle reader in its ``__main__``, which is never run)."""
-    saved = sys.modules.get("pandas")
-    stub = types.ModuleType("pandas")
-
-    def read_pickle(*_a, **_k):
-        raise RuntimeError("this benchmark never unpickles data")
-    stub.read_pickle = read_pickle
-    sys.modules["pandas"] = stub
-    try:
-        yield
-    finally:
-        if saved is None:
-            sys.modules.pop("pandas", None)
-        else:
-            sys.modules["pandas"] = saved
-
-
-def import_official(official: Path):
-    if not (official / "dreamrec.py").is_file() or not (official / "utils.py").is_file():
-        raise SystemExit(f"--official {official}: no dreamrec.py / utils.py there (export baiyimeng/DreamRec @ f77206d)")
-    if official.resolve().is_relative_to(REPO):
-        raise SystemExit("--official must be outside this repository (the official code is not copied into it)")
-    sys.path.insert(0, str(official))
-    import utils as off_utils  # noqa: E402  (the official modules)
-    import dreamrec as off_dreamrec
-    with pandas_stub():
-        import run_dreamrec as off_run
-    for mod in (off_utils, off_dreamrec, off_run):
-        if Path(mod.__file__).resolve().parent != official.resolve():
-            raise SystemExit(f"imported {mod.__name__} from {mod.__file__}, not from --official {official}")
-    return off_utils, off_dreamrec, off_run
-
+# official side (the loading code lives in _official.py, shared with train_eval_throughput.py)
 
 def run_official(args) -> dict:
     import torch
@@ -159,16 +93,9 @@ def run_official(args) -> dict:
     from _common import LoadProbe
 
     torch.set_num_threads(args.official_threads)
-    utils, dreamrec, run_script = import_official(Path(args.official))
-    argv, sys.argv = sys.argv, ["run_dreamrec.py", "--data", "zhihu"]
-    try:
-        oargs = run_script.parse_args()  # the official defaults
-    finally:
-        sys.argv = argv
-    statis = json.loads((args.data_dir / "data_statis.json").read_text())
-    oargs.seq_size, oargs.item_num = int(statis["seq_size"]), int(statis["item_num"])
-    if args.seed is not None:
-        oargs.seed = args.seed  # --seed: the official script's own --seed (default 2025)
+    utils, dreamrec, run_script = import_dreamrec(args.official)
+    # the official defaults; --seed: the official script's own --seed (default 2025)
+    oargs = dreamrec_args(run_script, args.data_dir, args.seed)
     print(f"[official] args: {oargs}", flush=True)
 
     utils.setup_seed(oargs.seed)
@@ -179,8 +106,7 @@ def run_official(args) -> dict:
     val_dl = DataLoader(splits["val"], oargs.batch_size, False, num_workers=w)
     test_dl = DataLoader(splits["test"], oargs.batch_size, False, num_workers=w)
 
-    model = dreamrec.DreamRec(oargs).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=oargs.lr, weight_decay=oargs.l2_decay, eps=1e-8)
+    model, optimizer = dreamrec_model_and_optimizer(dreamrec, oargs, device)
 
     def evaluate(dl):
         with torch.random.fork_rng(devices=[]):
@@ -379,9 +305,8 @@ def main() -> None:
     if not args.ours_only and not args.official:
         parser.error("--official DIR is required (or --ours-only)")
     root = Path(args.data_dir) if args.data_dir else Path(os.environ.get("RECSYS_DATA_DIR", REPO.parent / "shared" / "datasets"))
-    args.data_dir = root / "zhihu" / "raw" / "dreamrec" if (root / "zhihu").is_dir() else root
+    args.data_dir = zhihu_dir(root)
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common
     from _common import machine_info
 
     info = machine_info()
