@@ -44,6 +44,43 @@ def test_epochs_patience_and_curves(tmp_path) -> None:
     assert (tmp_path / "epochs" / "curve.png").stat().st_size > 0
 
 
+def _selection_memory(overrides: list[str]):
+    """A state selected before training moves on is copied then (not at its validation) and
+    restored for the test; a state selected at the run's end is never copied."""
+    import torch
+
+    from recsys_dist.config import load_config
+    from recsys_dist.train.trainer import Trainer
+
+    t = Trainer(load_config(str(REPO_ROOT / "configs/models/sasrec.yaml"), overrides))
+    t.validate()  # step 0: the first validation is the best so far
+    dense0 = {k: v.clone() for k, v in t.engine.module.state_dict().items()}
+    rows0 = t.table.full_table()
+    copied_at_validation = t.best is not None
+    t.train_epoch()  # no validation inside (eval_every 0): the step-0 state stays selected
+    moved = not torch.equal(rows0, t.table.full_table())
+    copied_before_training = t.best is not None and t.best.step == 0
+    t.select_and_test()
+    restored = torch.equal(rows0, t.table.full_table()) and all(
+        torch.equal(dense0[k], v) for k, v in t.engine.module.state_dict().items())
+    end = Trainer(load_config(str(REPO_ROOT / "configs/models/sasrec.yaml"), [*overrides, "name=at-end"]))
+    payload = end.fit()  # validated once, at the end: that state is tested as it is
+    return {"copied_at_validation": copied_at_validation, "moved": moved,
+            "copied_before_training": copied_before_training, "restored": restored,
+            "end_copied": end.best is not None, "end_selected": payload["selected_step"] == payload["steps"]}
+
+
+@pytest.mark.skipif(not DATA.exists(), reason=f"ML-1M not found at {DATA}")
+def test_the_selected_state_is_copied_only_when_training_moves_on(tmp_path) -> None:
+    overrides = ["data.dataset=ml-1m", "data.max_len=10", "data.source.max_users=60", "data.train_prefixes_per_user=4",
+                 f"data.shards_url={tmp_path / 'shards'}", f"output_dir={tmp_path}", "name=select",
+                 "train.batch_size=32", "train.max_steps=3", "train.eval_every=0", "train.lr=0.01",
+                 "sparse.lr=0.5", "eval.val_max_users=null", "checkpoint.enabled=false"]
+    for out in run_distributed(_selection_memory, 2, overrides):
+        assert out == {"copied_at_validation": False, "moved": True, "copied_before_training": True,
+                       "restored": True, "end_copied": False, "end_selected": True}, out
+
+
 def test_reproduce_table_aggregates_over_training_seeds() -> None:
     from launcher.reproduce import Row, Table, summarize
 

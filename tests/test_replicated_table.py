@@ -118,6 +118,15 @@ def _train(names):
             res["block_ok"] = (lo, hi) == row_range(ROWS, world, rank) and \
                 bool(torch.equal(table.rows(lo, hi), res["final"][lo:hi]))
             res["lookup_ok"] = bool(torch.equal(table.lookup([torch.arange(ROWS)])[0].detach(), res["final"]))
+        # the evaluator's score block: the rank's rows as a view of the table (no copy), which
+        # therefore follows the table when it trains on
+        lo, hi = table.score_block()
+        view = table.score_rows()
+        res["score_rows_equal"] = bool(torch.equal(view, res["final"][lo:hi]))
+        hist, target = next(iter(_batches(1, seed=11)))
+        _step(engine, table, hist, target, STEPS, rank, b)
+        res["score_rows_follow"] = bool(torch.equal(view, table.full_table()[lo:hi])) and \
+            not bool(torch.equal(view, res["final"][lo:hi]))
         out[name] = res
     return out
 
@@ -140,6 +149,15 @@ def test_replicas_identical_and_views_consistent(runs):
             assert r["shards"] == [(0, 0, (ROWS, DIM))], r["shards"]
             assert r["block_ok"] and r["lookup_ok"] and r["idempotent"], name
     assert one["dp-adamw"]["idempotent"] and one["dp-adamw"]["block_ok"] and one["dp-adamw"]["lookup_ok"]
+
+
+def test_the_score_block_is_a_view_of_the_rows(runs):
+    """``score_rows`` (what evaluation ranks against) equals the rank's rows and shares their
+    storage (a later step shows through it) for the replica and for row-wise shards."""
+    one, two = runs
+    for results in (two[0], two[1], one):
+        for name, r in results.items():
+            assert r["score_rows_equal"] and r["score_rows_follow"], name
 
 
 def test_init_is_the_sharded_tables(runs):

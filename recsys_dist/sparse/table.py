@@ -52,7 +52,7 @@ from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backwa
 from torchrec.optim.keyed import KeyedOptimizerWrapper
 
 from recsys_dist.config import SparseConfig, stream_seed
-from recsys_dist.distributed import max_over_ranks, multi_rank, rank_and_world, row_range
+from recsys_dist.distributed import any_rank, max_over_ranks, multi_rank, rank_and_world, row_range
 from recsys_dist.sparse.spec import REPLICATED, SHARDINGS, check_sparse_config
 
 log = logging.getLogger("recsys_dist.sparse")
@@ -284,6 +284,27 @@ class ShardedItemTable:
             ids = torch.arange(start, max(start, min(hi, start + chunk)))
             parts.append(self.lookup([ids])[0].detach())
         return torch.cat(parts)
+
+    @torch.no_grad()
+    def score_rows(self, chunk: int = 1 << 20) -> torch.Tensor:
+        """This rank's score block (``score_block()`` rows, (hi - lo, d)) for read-only use.
+
+        When the rank holds exactly those rows at full width (row-wise sharding, and the
+        replica) it is a view of the table's own storage: no copy, so evaluation needs no
+        second table in memory; the caller must not write to it, and it moves when the table
+        trains. Otherwise (other sharding types) it is ``rows(lo, hi, chunk)``, a copy through
+        the lookup. Collective in the copying case only; the choice is the same on every rank.
+        """
+        lo, hi = self.score_block()
+        if self.replicated:
+            return self._replica()[lo:hi].detach()
+        own = [(r, c, t) for r, c, t in self.local_shards() if t.numel()]
+        view = (len(own) == 1 and own[0][0] == lo and own[0][1] == 0 and own[0][2].shape == (hi - lo, self.dim))
+        if hi == lo and not own:
+            view = True  # an empty block (more ranks than rows)
+        if bool(any_rank(not view)):
+            return self.rows(lo, hi, chunk)
+        return own[0][2].detach() if own else torch.zeros(0, self.dim)
 
     @torch.no_grad()
     def full_table(self) -> torch.Tensor:

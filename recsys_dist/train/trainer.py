@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from recsys_dist.config import JobConfig, stream_seed
-from recsys_dist.distributed import barrier, gather_objects, init_distributed, pick_device, seed_everything
+from recsys_dist.distributed import (any_rank, barrier, gather_objects, init_distributed, pick_device,
+                                     seed_everything)
 from recsys_dist.models import build_model
 from recsys_dist.sparse import ShardedItemTable, check_sparse_config
 from recsys_dist.train.catalog_loss import build_catalog_loss
@@ -31,6 +32,10 @@ from recsys_dist.train.step import check_objective, train_step
 from recsys_dist.train.validate import evaluate_model, evaluate_popularity
 
 log = logging.getLogger("recsys_dist.train")
+
+#: the largest table (bytes of rows per rank) whose selected state is also kept in memory when
+#: checkpoints hold it on storage anyway (restoring from memory is faster; larger ones load it)
+SNAPSHOT_MAX_BYTES = 1 << 30
 
 TIE_MEANING = {
     "expected": "HR/NDCG averaged exactly over a uniformly random order of the items tied with the target",
@@ -110,6 +115,9 @@ class Trainer:
         self._saved_step: int | None = None
         self._resume()
         self.best: Snapshot | None = None  # in memory; with checkpoints also on storage (save_best)
+        # the best state is the current one until training moves on: it is copied only then
+        # (a run validated at its end alone never holds a second copy of the table)
+        self._best_is_current = False
         self.last_val: dict[str, float] = dict(self.state.val[-1][1]) if self.state.val else {}
         # wall time spent training (not validating), carried across restarts through the val records
         self._wall_before = float(self.last_val.get("train_seconds", 0.0))
@@ -194,6 +202,10 @@ class Trainer:
         loader, _ = self._train_loader()
         self.reader = loader.dataset
         for batch in loader:
+            if self._best_is_current:  # training is about to move the selected state
+                self._best_is_current = False
+                if self._copy_best_in_memory():
+                    self.best = Snapshot.take(state.step, self.engine, self.table)
             t0 = time.perf_counter()
             loss = train_step(self.engine, self.table, batch["history"].to(self.device),
                               batch["target"].to(self.device), state.step, cfg.train.seed, self.catalog_loss,
@@ -237,7 +249,7 @@ class Trainer:
                                f"({metrics.get('num_users')} users): nothing to select")
         if value > state.best_value:
             state.best_value, state.best_step = value, state.step
-            self.best = Snapshot.take(state.step, self.engine, self.table)
+            self.best, self._best_is_current = None, True  # copied before the next step (train_epoch)
             if self.ckpt is not None:
                 self.ckpt.save_best(self.engine, self.table, state.step, value)
         since_best = sum(1 for s, _ in self.report.val if state.best_step is not None and s > state.best_step)
@@ -246,6 +258,13 @@ class Trainer:
             log.info("early stop at step %d: %d validations without a better %s (best %.4f at step %s)",
                      state.step, since_best, cfg.eval.select_metric, state.best_value, state.best_step)
         return metrics
+
+    def _copy_best_in_memory(self) -> bool:
+        """Whether the selected state is also copied in memory: always without checkpoints;
+        with them (the best is on storage, ``save_best``) only while this rank's table rows
+        are at most ``SNAPSHOT_MAX_BYTES``, so a large table is never held twice."""
+        rows = sum(t.numel() * t.element_size() for _, _, t in self.table.local_shards())
+        return self.ckpt is None or not any_rank(rows > SNAPSHOT_MAX_BYTES)
 
     def save_checkpoint(self) -> None:
         """A checkpoint of this step (unless one was just written), with the reader's position."""
@@ -263,7 +282,9 @@ class Trainer:
         """Restore the validation-selected state, test it once per eval-noise seed, evaluate
         the popularity ranker, write ``metrics.json``; returns its payload on every rank."""
         cfg, state = self.cfg, self.state
-        if self.best is not None and self.best.step == state.best_step:
+        if self._best_is_current and state.best_step == state.step:
+            pass  # the selected state is the current one
+        elif self.best is not None and self.best.step == state.best_step:
             self.best.restore(self.engine, self.table)
         elif self.ckpt is not None and state.best_step is not None:
             self.ckpt.load_best(self.engine, self.table, state.best_step)  # selected before a restart
