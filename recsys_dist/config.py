@@ -129,6 +129,10 @@ class EvalConfig:
     ties: str = "expected"  # expected (random order of tied items, averaged exactly) | optimistic | pessimistic
     seed: int = 2024  # diffusion sampling noise at eval (per user, world-size independent)
     test_seeds: int = 3  # generative models: test metrics are mean/std over this many eval-noise seeds
+    # generator (default: a torch.Generator per user) | counter (batched counter-based streams,
+    # recsys_dist/noise.py: faster per user once its kernel is compiled, which costs 40-150 s a
+    # process and needs a C++ compiler; for evaluations of very many users)
+    noise: str = "generator"
     select_metric: str = "NDCG@10"  # validation metric that selects the checkpoint
     val_max_users: int | None = None  # validate on a fixed, seeded random subset of N users for speed
     item_chunk: int = 65536  # items scored per matmul chunk (bounds memory)

@@ -81,8 +81,11 @@ class SequenceRecommender(nn.Module):
         """Per-sample random tensors for one training step, leading dim = batch_size (CPU)."""
         return {}
 
-    def draw_eval_noise(self, batch_size: int, max_len: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """Per-sample random tensors for inference, leading dim = batch_size (CPU)."""
+    def draw_eval_noise(self, batch_size: int, max_len: int, generator) -> dict[str, torch.Tensor]:
+        """Per-sample random tensors for inference, leading dim = batch_size (CPU). Draw them
+        with ``recsys_dist.noise.randn(shape, generator)`` (standard normals only): the
+        generator is a ``torch.Generator`` or the batched per-user streams of ``eval.noise:
+        counter``."""
         return {}
 
     def query(self, hist: torch.Tensor, mask: torch.Tensor, target: torch.Tensor,

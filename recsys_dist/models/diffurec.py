@@ -62,6 +62,7 @@ from recsys_dist.diffusion import GaussianDiffusion, NoiseSchedule, timestep_emb
 from recsys_dist.diffusion.samplers import ddim_sample, ddim_timesteps, ddpm_sample
 from recsys_dist.models.base import DiffusionFields, EncoderFields, ModelConfig, SequenceRecommender
 from recsys_dist.models.transformer import TransformerEncoder, attention_mask
+from recsys_dist.noise import UserNormalStreams, randn
 
 FORMS = ("official", "paper")
 OFFICIAL_LN_EPS = 1e-12  # the official TF-style LayerNorm (src/model.py:13, src/diffurec.py:162)
@@ -98,9 +99,9 @@ class DiffuRec(SequenceRecommender):
     def steps(self) -> int:
         return self.diffusion.steps
 
-    def _lambda(self, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    def _lambda(self, shape: tuple[int, ...], generator: torch.Generator | UserNormalStreams) -> torch.Tensor:
         """lambda ~ N(mean=lam, std=lam), elementwise over ``shape``."""
-        return self.lam + self.lam * torch.randn(shape, generator=generator)
+        return self.lam + self.lam * randn(shape, generator)
 
     def _lam_width(self) -> int:
         return self.dim if self.form == "official" else 1
@@ -122,8 +123,8 @@ class DiffuRec(SequenceRecommender):
     def draw_eval_noise(self, batch_size, max_len, generator):
         S = len(self.reverse_steps())  # T for the paper's sampler: the same draws as before
         return {
-            "x_T": torch.randn(batch_size, self.dim, generator=generator),
-            "eps": torch.randn(batch_size, S, self.dim, generator=generator),
+            "x_T": randn((batch_size, self.dim), generator),
+            "eps": randn((batch_size, S, self.dim), generator),
             "lam": self._lambda((batch_size, S, max_len, self._lam_width()), generator),
         }
 

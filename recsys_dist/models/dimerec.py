@@ -68,6 +68,7 @@ from recsys_dist.diffusion.sphere import (equator_scale, geodesic_random_walk, l
                                           sphere_ddim_sample, sphere_ddpm_sample, walk_sigma)
 from recsys_dist.models.base import DiffusionFields, EncoderFields, ModelConfig, SequenceRecommender
 from recsys_dist.models.transformer import TransformerEncoder
+from recsys_dist.noise import randn
 
 GEM_KINDS = ("model", "rule")
 
@@ -172,8 +173,8 @@ class DimeRec(SequenceRecommender):
                 "eps": torch.randn(batch_size, self.dim, generator=generator)}
 
     def draw_eval_noise(self, batch_size, max_len, generator):
-        return {"x_T": torch.randn(batch_size, self.dim, generator=generator),
-                "eps": torch.randn(batch_size, self.sample_steps, self.dim, generator=generator)}
+        return {"x_T": randn((batch_size, self.dim), generator),
+                "eps": randn((batch_size, self.sample_steps, self.dim), generator)}
 
     # ------------------------------------------------------------------ training / inference
     def losses(self, hist, mask, target, noise, scorer) -> dict[str, torch.Tensor]:

@@ -33,6 +33,7 @@ from torch import nn
 from recsys_dist.diffusion import GaussianDiffusion, NoiseSchedule, timestep_embedding
 from recsys_dist.diffusion.samplers import ddim_sample, ddpm_sample
 from recsys_dist.models.base import DiffusionFields, SequenceRecommender
+from recsys_dist.noise import randn
 
 
 class GuidedDenoiser(SequenceRecommender):
@@ -69,8 +70,8 @@ class GuidedDenoiser(SequenceRecommender):
                 "uncond": torch.rand(batch_size, generator=generator) < self.p_uncond}
 
     def draw_eval_noise(self, batch_size, max_len, generator):
-        return {"x_T": torch.randn(batch_size, self.dim, generator=generator),
-                "eps": torch.randn(batch_size, self.sample_steps, self.dim, generator=generator)}
+        return {"x_T": randn((batch_size, self.dim), generator),
+                "eps": randn((batch_size, self.sample_steps, self.dim), generator)}
 
     def forward(self, hist, mask, target, noise, scorer=None):
         c = self.guidance(hist, mask)

@@ -20,12 +20,25 @@ from recsys_dist.config import EvalConfig, stream_seed
 from recsys_dist.distributed import collective_device, in_lockstep, row_range
 from recsys_dist.eval import MetricAccumulator, rank_targets
 from recsys_dist.eval.onepass import release_score_buffer
+from recsys_dist.noise import EVAL_NOISE_KINDS, UserNormalStreams
 from recsys_dist.sparse import ShardedItemTable
 from recsys_dist.train.step import embed
 
 
-def eval_noise(model, users: torch.Tensor, max_len: int, seed: int) -> dict[str, torch.Tensor]:
-    """Inference noise drawn per user from a (seed, user) stream: world-size independent."""
+def eval_noise(model, users: torch.Tensor, max_len: int, seed: int, kind: str = "generator"
+               ) -> dict[str, torch.Tensor]:
+    """Inference noise drawn per user from a (seed, user) stream: world-size independent.
+
+    kind (``eval.noise``): "generator" (default) is a ``torch.Generator`` seeded by
+    ``stream_seed(seed, "eval-noise", user)`` per user, in a Python loop; "counter" draws every
+    user's noise in one batched call from counter-based streams keyed by (seed, "eval-noise",
+    user) (:mod:`recsys_dist.noise`): other values, the same distribution, faster per user once
+    its kernel is compiled (a one-off 40-150 s a process; docs/evaluation.md has the costs).
+    """
+    if kind == "counter":
+        return model.draw_eval_noise(int(users.shape[0]), max_len, UserNormalStreams(seed, "eval-noise", users))
+    if kind != "generator":
+        raise ValueError(f"unknown eval noise {kind!r} (known: {', '.join(EVAL_NOISE_KINDS)})")
     parts = [model.draw_eval_noise(1, max_len, torch.Generator().manual_seed(stream_seed(seed, "eval-noise", int(u))))
              for u in users]
     if not parts:
@@ -63,7 +76,7 @@ def evaluate_model(model, table: ShardedItemTable, batches: Iterable[dict], cfg:
         dense, _ = embed(table, batch["history"], None)
         dtype = next(model.parameters()).dtype  # bf16 under DeepSpeed on GPU
         noise = {k: v.to(dense.hist.device, dtype if v.is_floating_point() else v.dtype)
-                 for k, v in eval_noise(model, batch["user"], max_len, seed).items()}
+                 for k, v in eval_noise(model, batch["user"], max_len, seed, cfg.noise).items()}
         if dense.hist.shape[0]:
             query = model.infer(dense.hist.to(dtype), dense.mask, noise).float()
         else:
