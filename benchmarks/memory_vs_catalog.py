@@ -94,7 +94,7 @@ def _rank(rank: int, world: int, port: int, num_rows: int, dim: int, lookups: in
         dist.barrier()
         stepped = proc_status()
         rows = sum(int(t.shape[0]) for _, _, t in table.local_shards())
-        weight_bytes = sum(t.numel() * t.element_size() for _, _, t in table.local_shards())
+        weight_bytes = table.local_row_bytes()
         state_bytes = 0
         for st in table.fused_optimizer_state()["state"].values():
             for v in st.values():

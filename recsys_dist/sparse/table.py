@@ -285,6 +285,10 @@ class ShardedItemTable:
             parts.append(self.lookup([ids])[0].detach())
         return torch.cat(parts)
 
+    def local_row_bytes(self) -> int:
+        """Bytes of the rows this rank holds (every shard; the replica: the whole table)."""
+        return sum(t.numel() * t.element_size() for _, _, t in self.local_shards())
+
     @torch.no_grad()
     def score_rows(self, chunk: int = 1 << 20) -> torch.Tensor:
         """This rank's score block (``score_block()`` rows, (hi - lo, d)) for read-only use.
@@ -304,7 +308,7 @@ class ShardedItemTable:
             view = True  # an empty block (more ranks than rows)
         if bool(any_rank(not view)):
             return self.rows(lo, hi, chunk)
-        return own[0][2].detach() if own else torch.zeros(0, self.dim)
+        return own[0][2].detach() if own else torch.zeros(0, self.dim, device=self.dmp.device)
 
     @torch.no_grad()
     def full_table(self) -> torch.Tensor:

@@ -263,8 +263,7 @@ class Trainer:
         """Whether the selected state is also copied in memory: always without checkpoints;
         with them (the best is on storage, ``save_best``) only while this rank's table rows
         are at most ``SNAPSHOT_MAX_BYTES``, so a large table is never held twice."""
-        rows = sum(t.numel() * t.element_size() for _, _, t in self.table.local_shards())
-        return self.ckpt is None or not any_rank(rows > SNAPSHOT_MAX_BYTES)
+        return self.ckpt is None or not any_rank(self.table.local_row_bytes() > SNAPSHOT_MAX_BYTES)
 
     def save_checkpoint(self) -> None:
         """A checkpoint of this step (unless one was just written), with the reader's position."""
@@ -307,7 +306,7 @@ class Trainer:
                                          self.rank, self.world)
         payload = self._payload(test, test_std, seeds, per_seed, popularity)
         payload["peak_rss_gib_per_rank"] = peak_rss_gib_per_rank()  # training and evaluation included
-        rows = sum(t.numel() * t.element_size() for _, _, t in self.table.local_shards())
+        rows = self.table.local_row_bytes()
         payload["item_table"] = {"rows": self.num_rows, "dim": self.table.dim, "sharding": self.cfg.sparse.sharding,
                                  "row_bytes_per_rank": [int(b) for b in gather_objects(rows)]}
         self.report.save(payload)
