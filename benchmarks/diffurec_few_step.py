@@ -55,7 +55,9 @@ def main() -> None:
     if cfg.model.name != "diffurec":
         raise SystemExit(f"{run}: a {cfg.model.name} run; this benchmark samples DiffuRec")
     cfg.name = f"{run.name}-few-step"  # its log goes to runs/<name>/, not into the trained run
-    cfg.checkpoint.url, cfg.checkpoint.resume = str(run / "checkpoints"), True
+    # only the selected weights are read: no resume, so a run that also kept periodic checkpoints
+    # does not first load its newest full state (engine, optimizer, loader) only to overwrite it
+    cfg.checkpoint.url, cfg.checkpoint.resume = str(run / "checkpoints"), False
     trainer = Trainer(cfg)
     trainer.ckpt.load_best(trainer.engine, trainer.table, stored["selected_step"])
     model, T = trainer.engine.module, cfg.model.diffusion_steps

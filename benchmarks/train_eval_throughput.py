@@ -464,6 +464,18 @@ def plot(results: dict, path: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------
 
+def official_groups(args) -> list[list[str]]:
+    """``args.models`` in order, grouped by the official run they are timed against: the same official
+    code at the same batch, steps and test rows (e.g. ``diffurec`` and ``diffurec-ddim4``: one
+    official DiffuRec run a round for both). Models without official code stay alone."""
+    groups: dict[tuple, list[str]] = {}
+    for name in args.models:
+        spec = MODELS[name]
+        key = (spec["official"], spec["config"], spec["global_batch"], spec.get("steps"), spec.get("eval_users"))
+        groups.setdefault(key if spec["official"] else (name,), []).append(name)
+    return list(groups.values())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -485,6 +497,8 @@ def main() -> None:
                         help="seconds the other ranks wait for one official phase (default 7200)")
     parser.add_argument("--data-dir", default=None,
                         help="raw data root of the official side (default $RECSYS_DATA_DIR or ../shared/datasets)")
+    parser.add_argument("--out", default="train_eval_throughput",
+                        help="output name under benchmarks/out/ (.md and .png; default train_eval_throughput)")
     parser.add_argument("overrides", nargs="*", help="config overrides for every model (ours)")
     args = parser.parse_args()
     if args.repeats < 1 or args.warmup < 0 or (args.steps is not None and args.steps < 1):
@@ -510,12 +524,14 @@ def main() -> None:
     setup_logging(rank)
     info = machine_info() if rank == 0 else None
     results = {}
-    for name in args.models:
-        spec = MODELS[name]
+    for group in official_groups(args):
+        # models sharing one official side and setting (diffurec, diffurec-ddim4) share its rounds:
+        # the official code runs once a round, then each of ours, so every ratio stays paired in time
+        spec = MODELS[group[0]]
         global_batch = args.global_batch or spec["global_batch"]
         steps, eval_users = args.steps or spec.get("steps", 20), args.eval_users or spec.get("eval_users", 1024)
         folder = folders.get(spec["official"]) if spec["official"] else None
-        official, official_info, rows = None, None, []
+        official, official_info = None, None
         sel = test_selection(spec, args, rank, world, global_batch, eval_users)
         if folder:
             def prepare():
@@ -523,24 +539,31 @@ def main() -> None:
             official, _ = on_rank0_alone(rank, args.official_threads, args.official_timeout, prepare)
             official_info = official.info if rank == 0 else None
             if rank == 0:
-                print(f"[official {name}] {official_info}", flush=True)
+                print(f"[official {spec['official']}] {official_info}", flush=True)
+        for name in group:
+            results[name] = []
         for rep in range(args.repeats):
-            row = {"official_info": official_info}
+            measured = None
             if folder:
                 value, phases = on_rank0_alone(rank, args.official_threads, args.official_timeout,
                                                official.run if rank == 0 else None)
                 if rank == 0:
-                    row["official"] = dict(value, other_cores=other_cores(phases),
-                                           waiting_cpu_s=sum(p["cpu"] for p in phases[1:]))
-                    tr, ev = rates(row["official"])
-                    print(f"[official {name} round {rep + 1}] train {tr:,.1f} seq/s, eval {ev:,.1f} users/s",
+                    measured = dict(value, other_cores=other_cores(phases),
+                                    waiting_cpu_s=sum(p["cpu"] for p in phases[1:]))
+                    tr, ev = rates(measured)
+                    print(f"[official {spec['official']} round {rep + 1}] train {tr:,.1f} seq/s, "
+                          f"eval {ev:,.1f} users/s", flush=True)
+            for name in group:
+                row = {"official_info": official_info}
+                if measured is not None:
+                    row["official"] = measured
+                row["ours"] = run_ours(name, MODELS[name], args, rank, world, device, global_batch, steps,
+                                       sel["cut"])
+                if rank == 0:
+                    tr, ev = rates(row["ours"])
+                    print(f"[ours {name} round {rep + 1}] train {tr:,.1f} seq/s, eval {ev:,.1f} users/s",
                           flush=True)
-            row["ours"] = run_ours(name, spec, args, rank, world, device, global_batch, steps, sel["cut"])
-            if rank == 0:
-                tr, ev = rates(row["ours"])
-                print(f"[ours {name} round {rep + 1}] train {tr:,.1f} seq/s, eval {ev:,.1f} users/s", flush=True)
-            rows.append(row)
-        results[name] = rows
+                results[name].append(row)
         del official
         gc.collect()
     if rank == 0:
@@ -548,8 +571,8 @@ def main() -> None:
         print(text)
         out = Path("benchmarks/out")
         out.mkdir(parents=True, exist_ok=True)
-        (out / "train_eval_throughput.md").write_text(text + "\n")
-        plot(results, out / "train_eval_throughput.png")
+        (out / f"{args.out}.md").write_text(text + "\n")
+        plot(results, out / f"{args.out}.png")
 
 
 if __name__ == "__main__":

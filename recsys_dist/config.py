@@ -149,6 +149,10 @@ class CheckpointConfig:
     resume: bool = True  # start from the newest complete checkpoint under ``url`` if there is one
     verify: str = "sha256"  # sha256 | size: how checkpoint files are checked before loading
     enabled: bool = True  # False: no checkpoint files at all (tests, benchmarks)
+    # the selected (best validation) state is also copied in memory while each rank's table rows
+    # are at most this many GiB (restoring from memory is faster); above it, and at 0, the test
+    # reloads it from the checkpoint's best/ copy, so a large table is never held twice
+    best_in_memory_max_gib: float = 1.0
 
 
 @dataclass

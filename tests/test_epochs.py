@@ -71,13 +71,17 @@ def _selection_memory(overrides: list[str]):
 
 
 @pytest.mark.skipif(not DATA.exists(), reason=f"ML-1M not found at {DATA}")
-def test_the_selected_state_is_copied_only_when_training_moves_on(tmp_path) -> None:
+@pytest.mark.parametrize("where", ["memory", "storage"])
+def test_the_selected_state_is_copied_only_when_training_moves_on(tmp_path, where: str) -> None:
+    # memory: no checkpoints, the copy is the only one; storage: checkpoints on and a table above
+    # checkpoint.best_in_memory_max_gib (0), so the test reloads best/ instead of copying it
+    keep = ["checkpoint.enabled=false"] if where == "memory" else ["checkpoint.best_in_memory_max_gib=0"]
     overrides = ["data.dataset=ml-1m", "data.max_len=10", "data.source.max_users=60", "data.train_prefixes_per_user=4",
                  f"data.shards_url={tmp_path / 'shards'}", f"output_dir={tmp_path}", "name=select",
                  "train.batch_size=32", "train.max_steps=3", "train.eval_every=0", "train.lr=0.01",
-                 "sparse.lr=0.5", "eval.val_max_users=null", "checkpoint.enabled=false"]
+                 "sparse.lr=0.5", "eval.val_max_users=null", *keep]
     for out in run_distributed(_selection_memory, 2, overrides):
-        assert out == {"copied_at_validation": False, "moved": True, "copied_before_training": True,
+        assert out == {"copied_at_validation": False, "moved": True, "copied_before_training": where == "memory",
                        "restored": True, "end_copied": False, "end_selected": True}, out
 
 

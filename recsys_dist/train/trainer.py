@@ -33,10 +33,6 @@ from recsys_dist.train.validate import evaluate_model, evaluate_popularity
 
 log = logging.getLogger("recsys_dist.train")
 
-#: the largest table (bytes of rows per rank) whose selected state is also kept in memory when
-#: checkpoints hold it on storage anyway (restoring from memory is faster; larger ones load it)
-SNAPSHOT_MAX_BYTES = 1 << 30
-
 TIE_MEANING = {
     "expected": "HR/NDCG averaged exactly over a uniformly random order of the items tied with the target",
     "optimistic": "the target wins every tie (items scoring strictly higher count against it)",
@@ -261,9 +257,10 @@ class Trainer:
 
     def _copy_best_in_memory(self) -> bool:
         """Whether the selected state is also copied in memory: always without checkpoints;
-        with them (the best is on storage, ``save_best``) only while this rank's table rows
-        are at most ``SNAPSHOT_MAX_BYTES``, so a large table is never held twice."""
-        return self.ckpt is None or not any_rank(self.table.local_row_bytes() > SNAPSHOT_MAX_BYTES)
+        with them (the best is on storage, ``save_best``) only while every rank's table rows
+        are at most ``checkpoint.best_in_memory_max_gib``, so a large table is never held twice."""
+        limit = self.cfg.checkpoint.best_in_memory_max_gib * (1 << 30)
+        return self.ckpt is None or not any_rank(self.table.local_row_bytes() > limit)
 
     def save_checkpoint(self) -> None:
         """A checkpoint of this step (unless one was just written), with the reader's position."""
