@@ -30,8 +30,10 @@ utils.py are used unmodified):
 - device: CPU always (the script's ``CUDA_VISIBLE_DEVICES`` / ``cuda:0`` lines are skipped);
 - ``DataLoader(..., num_workers=4)`` (run_dreamrec.py:61-63) becomes ``--official-workers``
   (default 0: one process, as ../shared/reference.md measured it);
-- evaluation every ``--eval-every`` epochs instead of every 10, no early stop (its patience, 5
-  evaluations without a better val HR@20, cannot end a 30-epoch run anyway), and each evaluation
+- evaluation every ``--eval-every`` epochs instead of every 10, and no early stop unless
+  ``--patience N`` (its rule: N evaluations without a strictly better val HR@20, default 5; it
+  cannot end a 30-epoch run at 5 epochs apart anyway; ``--epochs 1000 --eval-every 10 --patience 5``
+  is the official run to its stopping point, ours then gets ``train.patience=5``), and each evaluation
   runs inside ``torch.random.fork_rng`` seeded with ``--eval-seed``: the training stream is the
   same whatever ``--eval-every`` is, and every point of the curve uses the same eval noise
   (the official code's evaluation is stochastic: fresh Gaussian x_T, dreamrec.py:125);
@@ -40,7 +42,7 @@ utils.py are used unmodified):
   the val-HR@20-selected model; here that is the test of the best-val row.
 
 Ours: ``python -m launcher train --config configs/zhihu_dreamrec.yaml train.max_epochs=N
-train.eval_every_epochs=E train.patience=0 name=dreamrec-curve-ours output_dir=<out>/runs
+train.eval_every_epochs=E train.patience=P name=dreamrec-curve-ours output_dir=<out>/runs
 checkpoint.enabled=false eval.test_seeds=1`` in a subprocess (2 ranks x ``--ours-threads``
 OMP threads, default 1: 2 threads in all, like the official side). Its metrics.json gives the
 ``validation`` records (epoch, train_seconds, HR@20, NDCG@20 over every val row) and the test of
@@ -115,7 +117,7 @@ def run_official(args) -> dict:
             m = utils.evaluate(model, dl, device, [10, 20])
             return {k: float(v) for k, v in m.items()}, time.perf_counter() - t0
 
-    rows, train_s, eval_s = [], 0.0, 0.0
+    rows, train_s, eval_s, since_best, stopped_at = [], 0.0, 0.0, 0, None
     with LoadProbe() as probe:
         for epoch in range(1, args.epochs + 1):
             t0 = time.perf_counter()
@@ -133,13 +135,22 @@ def run_official(args) -> dict:
                 line += (f"  val HR@20 {100 * val['HR@20']:.2f} NDCG@20 {100 * val['NDCG@20']:.2f}"
                          f"  test HR@20 {100 * test['HR@20']:.2f} NDCG@20 {100 * test['NDCG@20']:.2f}"
                          f"  (eval {vs + ts:.1f}s)")
+                # run_dreamrec.py's stopping rule: --patience evaluations without a strictly better val HR@20
+                best_before = max((r["val"]["HR@20"] for r in rows[:-1]), default=-1.0)
+                since_best = 0 if val["HR@20"] > best_before else since_best + 1
             print(line, flush=True)
+            if args.patience and since_best >= args.patience:
+                stopped_at = epoch
+                print(f"[official] early stop at epoch {epoch}: {since_best} evaluations without a better val HR@20",
+                      flush=True)
+                break
     best = max(rows, key=lambda r: r["val"]["HR@20"])
     n_train = len(splits["train"])
     return {"side": "official", "code": str(Path(args.official).resolve()), "args": vars(oargs),
             "threads": args.official_threads, "dataloader_workers": w, "eval_seed": args.eval_seed,
             "train_rows_per_epoch": n_train, "steps_per_epoch": math.ceil(n_train / oargs.batch_size),
             "rows": rows, "train_seconds": train_s, "eval_seconds": eval_s, "wall_seconds": probe.wall,
+            "stopped_early_at_epoch": stopped_at,
             "other_cores_busy": probe.other,
             "selected": {"epoch": best["epoch"], "by": "val HR@20", "val": best["val"], "test": best["test"]},
             "ran_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -156,7 +167,7 @@ def run_ours(args) -> dict:
     if run_dir.exists():
         shutil.rmtree(run_dir)  # a stale metrics.json must not be read as this run's
     cmd = [sys.executable, "-m", "launcher", "train", "--config", "configs/zhihu_dreamrec.yaml",
-           f"train.max_epochs={args.epochs}", f"train.eval_every_epochs={args.eval_every}", "train.patience=0",
+           f"train.max_epochs={args.epochs}", f"train.eval_every_epochs={args.eval_every}", f"train.patience={args.patience}",
            f"name={RUN_NAME}", f"output_dir={runs}", "checkpoint.enabled=false", "eval.test_seeds=1",
            "eval.select_metric=HR@20"]  # the official code selects on validation HR@20 (run_dreamrec.py)
     if args.seed is not None:
@@ -186,16 +197,19 @@ def run_ours(args) -> dict:
                          "test": {k: float(m["test"][k]) for k in ("HR@10", "HR@20", "NDCG@10", "NDCG@20")},
                          "test_seeds": m["test_seeds"]},
             "seconds_per_step": m.get("seconds_per_step"), "protocol": m.get("protocol"),
+            "stopped_early": bool(m.get("stopped_early")), "epochs": float(m.get("epochs", 0.0)),
             "ran_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
 # ---------------------------------------------------------------------------------------------
 # report
 
-def result_stem(seed: int | None) -> str:
+def result_stem(seed: int | None, patience: int = 0) -> str:
     """Output file stem: ``dreamrec_official_curve`` (each side's default seed: official 2025, ours 0)
-    or ``dreamrec_official_curve-seed<N>`` (both sides trained with seed N)."""
-    return "dreamrec_official_curve" + ("" if seed is None else f"-seed{seed}")
+    or ``dreamrec_official_curve-seed<N>`` (both sides trained with seed N); ``-patience<P>`` is
+    appended for runs with early stopping (to the official stopping point)."""
+    return ("dreamrec_official_curve" + ("" if seed is None else f"-seed{seed}")
+            + (f"-patience{patience}" if patience else ""))
 
 
 def pct(x) -> str:
@@ -240,11 +254,17 @@ def write_report(result: dict, out: Path) -> str:
     lines.append("")
     if off:
         s = off["selected"]
+        if off.get("stopped_early_at_epoch"):
+            lines.append(f"Official: early stop at epoch {off['stopped_early_at_epoch']} ({result['patience']} "
+                         f"evaluations without a better val HR@20).")
         lines.append(f"Official, selected on val HR@20 (epoch {s['epoch']}): test HR@20 {pct(s['test']['HR@20'])}, "
                      f"NDCG@20 {pct(s['test']['NDCG@20'])}; training {off['train_seconds']:.0f} s, "
                      f"evaluations {off['eval_seconds']:.0f} s.")
     if ours:
         s = ours["selected"]
+        if ours.get("stopped_early"):
+            lines.append(f"Ours: early stop at epoch {ours['epochs']:g} ({result['patience']} validations without a "
+                         f"better val HR@20).")
         lines.append(f"Ours, selected on {s['by']} (epoch {s['epoch']:g}): test HR@20 {pct(s['test']['HR@20'])}, "
                      f"NDCG@20 {pct(s['test']['NDCG@20'])} ({len(s['test_seeds'])} eval seed); training "
                      f"{ours['train_seconds']:.0f} s, whole launcher run {ours['wall_seconds']:.0f} s.")
@@ -252,7 +272,7 @@ def write_report(result: dict, out: Path) -> str:
               "Both evaluations are stochastic (one eval-noise draw per point)."]
     text = "\n".join(lines) + "\n"
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{result_stem(result.get('seed'))}.md").write_text(text)
+    (out / f"{result_stem(result.get('seed'), result.get('patience', 0))}.md").write_text(text)
 
     import matplotlib
     matplotlib.use("Agg")
@@ -272,7 +292,7 @@ def write_report(result: dict, out: Path) -> str:
         ax.legend()
     fig.suptitle("DreamRec on Zhihu: validation HR@20")
     fig.tight_layout()
-    fig.savefig(out / f"{result_stem(result.get('seed'))}.png", dpi=120)
+    fig.savefig(out / f"{result_stem(result.get('seed'), result.get('patience', 0))}.png", dpi=120)
     plt.close(fig)
     return text
 
@@ -295,13 +315,16 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=None,
                         help="training seed of both sides (default: each side's own, official 2025, ours 0); "
                              "outputs go to dreamrec_official_curve-seed<N>.*")
+    parser.add_argument("--patience", type=int, default=0,
+                        help="stop a side after N evaluations without a strictly better val HR@20 (the official "
+                             "rule; its defaults: --epochs 1000 --eval-every 10 --patience 5); 0: no early stop")
     parser.add_argument("--eval-seed", type=int, default=2025, help="torch seed of every official evaluation")
     parser.add_argument("--data-dir", default=None,
                         help="Zhihu DreamRec files (default $RECSYS_DATA_DIR or ../shared/datasets, + zhihu/raw/dreamrec)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "out"))
     args = parser.parse_args()
-    if args.epochs < 1 or args.eval_every < 1:
-        parser.error("--epochs and --eval-every must be >= 1")
+    if args.epochs < 1 or args.eval_every < 1 or args.patience < 0:
+        parser.error("--epochs and --eval-every must be >= 1, --patience >= 0")
     if not args.ours_only and not args.official:
         parser.error("--official DIR is required (or --ours-only)")
     root = Path(args.data_dir) if args.data_dir else Path(os.environ.get("RECSYS_DATA_DIR", REPO.parent / "shared" / "datasets"))
@@ -312,12 +335,14 @@ def main() -> None:
     info = machine_info()
     print(f"machine: {info}", flush=True)
     out = Path(args.out)
-    result = {"epochs": args.epochs, "eval_every": args.eval_every, "machine": info, "seed": args.seed}
-    prev_path = out / f"{result_stem(args.seed)}.json"
+    result = {"epochs": args.epochs, "eval_every": args.eval_every, "patience": args.patience, "machine": info,
+              "seed": args.seed}
+    prev_path = out / f"{result_stem(args.seed, args.patience)}.json"
     if (args.ours_only or args.official_only) and prev_path.exists():
         prev = json.loads(prev_path.read_text())
         keep = "official" if args.ours_only else "ours"
-        if prev.get("epochs") == args.epochs and prev.get("eval_every") == args.eval_every and prev.get(keep):
+        if (prev.get("epochs"), prev.get("eval_every"), prev.get("patience", 0), bool(prev.get(keep))) == \
+                (args.epochs, args.eval_every, args.patience, True):
             result[keep] = prev[keep]
             print(f"[{keep}] kept from {prev_path} (ran {prev[keep]['ran_at']})", flush=True)
     if not args.ours_only:
@@ -327,7 +352,7 @@ def main() -> None:
     text = write_report(result, out)
     prev_path.write_text(json.dumps(result, indent=2, default=str))
     print(text)
-    print(f"wrote {out / result_stem(args.seed)}.md, .png, .json")
+    print(f"wrote {out / result_stem(args.seed, args.patience)}.md, .png, .json")
 
 
 if __name__ == "__main__":

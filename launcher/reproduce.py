@@ -17,12 +17,18 @@ validation, tested once (per eval-noise seed for generative models). The table r
 the mean and sample standard deviation over the training seeds of the test metrics, the
 popularity ranker on the same users, wall time, and the command; the curves of all runs go to
 one PNG. Outputs: ``runs/reproduce/<TABLE>.md``, ``<TABLE>.json``, ``<TABLE>_curves.png``.
+
+A run of some rows (``--rows``) keeps the table's other rows from the previous results
+(``runs/reproduce/<TABLE>.json``, or ``--merge-from`` e.g. a committed ``docs/results/<TABLE>.json``),
+so a table is filled row by row across sessions; the md names the rows kept. ``--no-merge``
+writes only the rows run now.
 """
 
 from __future__ import annotations
 
 import json
 import statistics
+from pathlib import Path
 import sys
 import time
 from dataclasses import dataclass, field
@@ -111,6 +117,19 @@ def summarize(table: Table, results: dict[str, list[dict[str, Any]]], nproc: int
     return "\n".join(lines)
 
 
+def kept_results(table: Table, run_now: list[Row], source) -> dict[str, list[dict[str, Any]]]:
+    """The previous results (a ``<TABLE>.json`` this command wrote) of the table's rows that are
+    not run now; {} when ``source`` is None or missing. Rows no longer in the table are dropped."""
+    if source is None or not source.exists():
+        return {}
+    try:
+        previous = json.loads(source.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{source}: not a reproduction results file ({exc}); pass --no-merge") from None
+    names, now = {r.name for r in table.rows}, {r.name for r in run_now}
+    return {name: runs for name, runs in previous.items() if name in names and name not in now and runs}
+
+
 def run(args) -> int:
     from launcher.commands import run_job
     from recsys_dist.train.report import plot_learning_curves
@@ -143,9 +162,20 @@ def run(args) -> int:
             m = json.loads(path.read_text())
             results.setdefault(row.name, []).append(m)
             curves.append((f"{row.name} s{seed}", [tuple(v) for v in m["validation"]]))
-    text = summarize(Table(table.name, table.seeds, rows, table.columns), results, args.nproc_per_node, args.overrides)
-    text += f" Wall time of this command: {(time.perf_counter() - t0) / 60:.1f} min."
     out = REPO_ROOT / "runs" / "reproduce"
+    source = None if args.no_merge else Path(args.merge_from) if args.merge_from else out / f"{table.name}.json"
+    kept = kept_results(table, rows, source)
+    for name, runs in kept.items():
+        curves += [(f"{name} s{m.get('config', {}).get('train', {}).get('seed', '?')}", [tuple(v) for v in m["validation"]])
+                   for m in runs]
+    results = {r.name: results.get(r.name) or kept.get(r.name) for r in table.rows
+               if r.name in results or r.name in kept}
+    shown = [r for r in table.rows if r in rows or r.name in kept]
+    text = summarize(Table(table.name, table.seeds, shown, table.columns), results, args.nproc_per_node, args.overrides)
+    text += f" Wall time of this command: {(time.perf_counter() - t0) / 60:.1f} min (rows run: " \
+            f"{', '.join(r.name for r in rows)})."
+    if kept:
+        text += f" Rows kept from {source}: {', '.join(kept)} (their seeds as stored)."
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{table.name}.md").write_text(text + "\n")
     (out / f"{table.name}.json").write_text(json.dumps(results, indent=1, default=str))
@@ -161,4 +191,7 @@ def add_arguments(p) -> None:
     p.add_argument("--seeds", nargs="+", default=None, help="training seeds (default: the table's)")
     p.add_argument("--nproc-per-node", type=int, default=2)
     p.add_argument("--reuse", action="store_true", help="reuse runs/<job>/metrics.json when present")
+    p.add_argument("--merge-from", default=None, metavar="JSON",
+                   help="keep the rows not run now from this results file (default runs/reproduce/<table>.json)")
+    p.add_argument("--no-merge", action="store_true", help="write only the rows run now")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="applied to every job (after --)")

@@ -99,3 +99,22 @@ def test_reproduce_table_aggregates_over_training_seeds() -> None:
     assert cells[0] == "20.00 ± 10.00"  # mean and sample sd of 10, 20, 30 %
     assert cells[1] == "10.00 ± 5.00"
     assert "| popularity | 1.00 |" in text
+
+
+def test_reproduce_keeps_the_rows_not_run_now(tmp_path) -> None:
+    # a table filled row by row: rows run now replace theirs, the others come from the previous
+    # results file, rows no longer in the table are dropped, a broken file is one error
+    import json
+
+    from launcher.reproduce import Row, Table, kept_results
+    from recsys_dist.config import ConfigError
+
+    table = Table("t", [0], [Row(n, "configs/x.yaml") for n in ("a", "b", "c")])
+    previous = tmp_path / "t.json"
+    previous.write_text(json.dumps({"a": [{"old": 1}], "b": [{"old": 2}], "gone": [{"old": 3}], "c": []}))
+    assert kept_results(table, [table.rows[0]], previous) == {"b": [{"old": 2}]}
+    assert kept_results(table, table.rows, previous) == {}
+    assert kept_results(table, [], None) == {} and kept_results(table, [], tmp_path / "missing.json") == {}
+    previous.write_text("{not json")
+    with pytest.raises(ConfigError, match="t.json"):
+        kept_results(table, [], previous)
