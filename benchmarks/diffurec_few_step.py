@@ -57,7 +57,7 @@ def main() -> None:
     cfg.name = f"{run.name}-few-step"  # its log goes to runs/<name>/, not into the trained run
     # only the selected weights are read: no resume, so a run that also kept periodic checkpoints
     # does not first load its newest full state (engine, optimizer, loader) only to overwrite it
-    cfg.checkpoint.url, cfg.checkpoint.resume = str(run / "checkpoints"), False
+    cfg.checkpoint.url, cfg.checkpoint.resume, cfg.checkpoint.enabled = str(run / "checkpoints"), False, True
     trainer = Trainer(cfg)
     trainer.ckpt.load_best(trainer.engine, trainer.table, stored["selected_step"])
     model, T = trainer.engine.module, cfg.model.diffusion_steps

@@ -61,9 +61,10 @@ cores: 239 s an epoch at 2 threads, 68 s at ``--official-threads 1``, same metri
 the json and md record how many cores other processes kept busy during each side.
 
 Writes ``<out>/dreamrec_official_curve.{md,png,json}`` (default out: benchmarks/out;
-``dreamrec_official_curve-seed<N>.*`` with ``--seed N``, which seeds both sides' training). With
-``--ours-only`` / ``--official-only`` the other side is taken from the previous json when that
-was run with the same ``--epochs`` / ``--eval-every`` (the md says when each side ran).
+``dreamrec_official_curve-seed<N>.*`` with ``--seed N``, which seeds both sides' training;
+``-patience<P>`` appended with ``--patience P``). With ``--ours-only`` / ``--official-only`` the
+other side is taken from the previous json when that was run with the same ``--epochs`` /
+``--eval-every`` / ``--patience`` (the md says when each side ran).
 """
 
 from __future__ import annotations
@@ -136,7 +137,7 @@ def run_official(args) -> dict:
                          f"  test HR@20 {100 * test['HR@20']:.2f} NDCG@20 {100 * test['NDCG@20']:.2f}"
                          f"  (eval {vs + ts:.1f}s)")
                 # run_dreamrec.py's stopping rule: --patience evaluations without a strictly better val HR@20
-                best_before = max((r["val"]["HR@20"] for r in rows[:-1]), default=-1.0)
+                best_before = max((r["val"]["HR@20"] for r in rows[:-1]), default=0.0)  # its best_metric = 0.0
                 since_best = 0 if val["HR@20"] > best_before else since_best + 1
             print(line, flush=True)
             if args.patience and since_best >= args.patience:

@@ -20,7 +20,11 @@ rows (a Zhihu session has several test rows, an ML-1M user one); the official si
 first that many test users (DiffuRec: user ids ascend with the raw id on both sides) or test
 rows (DreamRec: the file's first rows are ours' first test sessions; their targets are checked).
 
-How the two sides share the 2 cores: for each model, ``--repeats`` rounds of A then B.
+How the two sides share the 2 cores: ``--repeats`` rounds of A then B for each official side;
+models timed against the same official run (``diffurec`` and ``diffurec-ddim4``: same data and
+official side, ours differ only in the sampler) share its rounds, A then each one's B, so the
+official code runs once a round and every ratio stays paired in time (the per-round table
+repeats that one official measurement on each such model's rows).
 
 - A, the official side (WHUIR/DiffuRec @ f6f70c9 from ``--official-diffurec DIR``,
   baiyimeng/DreamRec @ f77206d from ``--official-dreamrec DIR``; imported from DIR at run
@@ -44,7 +48,8 @@ How the two sides share the 2 cores: for each model, ``--repeats`` rounds of A t
 Both sides: the train batches are drawn from each side's own loader before the clock starts
 (the official loader's cost per batch is reported separately); evaluation is timed with its
 loader. Without an official path a model's row is ours alone and says no ratio was measured.
-Prints markdown tables on rank 0 and saves ``benchmarks/out/train_eval_throughput.{md,png}``.
+Prints markdown tables on rank 0 and saves ``benchmarks/out/<--out>.{md,png}`` (default
+``train_eval_throughput``).
 """
 
 from __future__ import annotations
@@ -352,7 +357,8 @@ def report(results: dict, args, info: dict, world: int) -> str:
              f"python {info['python']}; load average at start {info['loadavg_at_start'][0]:.2f}; {info['date']}.",
              f"Ours: {world} ranks x 1 thread. "
              + (f"Official: rank 0 alone, 1 process x {args.official_threads} threads, the other rank waiting in a "
-                f"monitored barrier; {args.repeats} round(s) of official then ours per model. " if measured else
+                f"monitored barrier; {args.repeats} round(s) of official then ours per official side (models "
+                f"timed against one official run share its rounds). " if measured else
                 f"{args.repeats} round(s) per model. ")
              + f"{args.warmup} warm-up steps, then the timed steps.", ""]
     busiest = max(r[side]["other_cores"] for rows in results.values() for r in rows for side in ("official", "ours")
@@ -465,13 +471,16 @@ def plot(results: dict, path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def official_groups(args) -> list[list[str]]:
-    """``args.models`` in order, grouped by the official run they are timed against: the same official
+    """``args.models`` grouped (in order of each group's first model) by the official run they are timed against: the same official
     code at the same batch, steps and test rows (e.g. ``diffurec`` and ``diffurec-ddim4``: one
     official DiffuRec run a round for both). Models without official code stay alone."""
     groups: dict[tuple, list[str]] = {}
     for name in args.models:
         spec = MODELS[name]
-        key = (spec["official"], spec["config"], spec["global_batch"], spec.get("steps"), spec.get("eval_users"))
+        # ours' overrides may differ only in sampling (they share the official run and the test rows)
+        data = [o for o in spec["overrides"] if not o.startswith(("model.sample_steps", "model.eta"))]
+        key = (spec["official"], spec["config"], tuple(data), spec["global_batch"], spec.get("steps"),
+               spec.get("eval_users"))
         groups.setdefault(key if spec["official"] else (name,), []).append(name)
     return list(groups.values())
 

@@ -117,17 +117,39 @@ def summarize(table: Table, results: dict[str, list[dict[str, Any]]], nproc: int
     return "\n".join(lines)
 
 
-def kept_results(table: Table, run_now: list[Row], source) -> dict[str, list[dict[str, Any]]]:
-    """The previous results (a ``<TABLE>.json`` this command wrote) of the table's rows that are
-    not run now; {} when ``source`` is None or missing. Rows no longer in the table are dropped."""
+#: what a kept run may differ in from its row's job today: where it ran, not what it trained
+KEPT_MAY_DIFFER = ("name", "output_dir", "data.shards_url", "data.data_dir", "data.num_workers", "train.device",
+                   "checkpoint.")
+
+
+def kept_results(table: Table, ran: set[str], source) -> dict[str, list[dict[str, Any]]]:
+    """The previous results (a ``<TABLE>.json`` this command wrote) of the table's rows without a
+    result now (``ran``: the rows that produced one; a row whose every seed failed keeps its old
+    runs); {} when ``source`` is None or missing. Rows no longer in the table are dropped."""
     if source is None or not source.exists():
         return {}
     try:
         previous = json.loads(source.read_text())
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{source}: not a reproduction results file ({exc}); pass --no-merge") from None
-    names, now = {r.name for r in table.rows}, {r.name for r in run_now}
-    return {name: runs for name, runs in previous.items() if name in names and name not in now and runs}
+    names = {r.name for r in table.rows}
+    return {name: runs for name, runs in previous.items() if name in names and name not in ran and runs}
+
+
+def stale_runs(table: Table, kept: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """One line per kept run whose stored config differs from what its row would train now
+    (the table's yaml or the row's config edited since): such numbers are flagged, not hidden."""
+    from recsys_dist.train.checkpoint import config_mismatch
+
+    lines = []
+    for row in table.rows:
+        for m in kept.get(row.name, []):
+            seed = int(m["config"]["train"]["seed"])
+            now = load_config(REPO_ROOT / row.config, job_overrides(table, row, seed, [])).to_dict()
+            diffs = config_mismatch(m["config"], now, KEPT_MAY_DIFFER, ("stored", "now"))
+            if diffs:
+                lines.append(f"{row.name} seed {seed}: " + "; ".join(diffs))
+    return lines
 
 
 def run(args) -> int:
@@ -164,18 +186,21 @@ def run(args) -> int:
             curves.append((f"{row.name} s{seed}", [tuple(v) for v in m["validation"]]))
     out = REPO_ROOT / "runs" / "reproduce"
     source = None if args.no_merge else Path(args.merge_from) if args.merge_from else out / f"{table.name}.json"
-    kept = kept_results(table, rows, source)
+    kept = kept_results(table, set(results), source)
     for name, runs in kept.items():
         curves += [(f"{name} s{m.get('config', {}).get('train', {}).get('seed', '?')}", [tuple(v) for v in m["validation"]])
                    for m in runs]
-    results = {r.name: results.get(r.name) or kept.get(r.name) for r in table.rows
-               if r.name in results or r.name in kept}
+    results = {r.name: results.get(r.name) or kept[r.name] for r in table.rows if r.name in results or r.name in kept}
     shown = [r for r in table.rows if r in rows or r.name in kept]
     text = summarize(Table(table.name, table.seeds, shown, table.columns), results, args.nproc_per_node, args.overrides)
     text += f" Wall time of this command: {(time.perf_counter() - t0) / 60:.1f} min (rows run: " \
             f"{', '.join(r.name for r in rows)})."
     if kept:
-        text += f" Rows kept from {source}: {', '.join(kept)} (their seeds as stored)."
+        text += (f" Rows kept from {source}: {', '.join(kept)} (their seeds and overrides as stored in each run's "
+                 "config, not this command's).")
+        stale = stale_runs(table, kept)
+        if stale:
+            text += " **Kept runs whose config differs from their row's today:** " + " | ".join(stale) + "."
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{table.name}.md").write_text(text + "\n")
     (out / f"{table.name}.json").write_text(json.dumps(results, indent=1, default=str))

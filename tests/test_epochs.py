@@ -112,9 +112,23 @@ def test_reproduce_keeps_the_rows_not_run_now(tmp_path) -> None:
     table = Table("t", [0], [Row(n, "configs/x.yaml") for n in ("a", "b", "c")])
     previous = tmp_path / "t.json"
     previous.write_text(json.dumps({"a": [{"old": 1}], "b": [{"old": 2}], "gone": [{"old": 3}], "c": []}))
-    assert kept_results(table, [table.rows[0]], previous) == {"b": [{"old": 2}]}
-    assert kept_results(table, table.rows, previous) == {}
-    assert kept_results(table, [], None) == {} and kept_results(table, [], tmp_path / "missing.json") == {}
+    assert kept_results(table, {"a"}, previous) == {"b": [{"old": 2}]}
+    assert kept_results(table, set(), previous) == {"a": [{"old": 1}], "b": [{"old": 2}]}  # every seed failed
+    assert kept_results(table, {"a", "b", "c"}, previous) == {}
+    assert kept_results(table, set(), None) == {} and kept_results(table, set(), tmp_path / "missing.json") == {}
     previous.write_text("{not json")
     with pytest.raises(ConfigError, match="t.json"):
-        kept_results(table, [], previous)
+        kept_results(table, set(), previous)
+
+
+def test_reproduce_flags_kept_runs_whose_row_changed() -> None:
+    from launcher.reproduce import Row, Table, job_overrides, stale_runs
+    from recsys_dist.config import load_config
+
+    row = Row("sasrec", "configs/zhihu_sasrec.yaml", overrides=["train.max_epochs=20"])
+    table = Table("t", [0], [row])
+    stored = load_config(REPO_ROOT / row.config, job_overrides(table, row, 0, [])).to_dict()
+    stored["output_dir"], stored["data"]["shards_url"] = "/elsewhere", "/elsewhere/shards"  # where it ran: fine
+    assert stale_runs(table, {"sasrec": [{"config": stored}]}) == []
+    row.overrides = ["train.max_epochs=30"]  # the table asks for another budget now
+    assert stale_runs(table, {"sasrec": [{"config": stored}]}) == ["sasrec seed 0: train.max_epochs: stored 20 != now 30"]

@@ -151,8 +151,10 @@ def _leaves(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def config_mismatch(saved: dict, current: dict) -> list[str]:
-    """Differences outside ``MAY_CHANGE`` between two ``JobConfig.to_dict()`` (empty: compatible).
+def config_mismatch(saved: dict, current: dict, may_change: tuple[str, ...] = MAY_CHANGE,
+                    labels: tuple[str, str] = ("checkpoint", "job")) -> list[str]:
+    """Differences outside ``may_change`` (keys, or prefixes ending in ".") between two
+    ``JobConfig.to_dict()`` (empty: compatible); ``labels`` name the two sides in the messages.
 
     A field the checkpoint lacks because it was added to ``JobConfig`` after the checkpoint was
     written counts as its default (``stored_config_as_now``), so a checkpoint from an older
@@ -162,10 +164,10 @@ def config_mismatch(saved: dict, current: dict) -> list[str]:
     a, b = _leaves(stored_config_as_now(saved) or saved), _leaves(current)
     diffs = []
     for key in sorted(set(a) | set(b)):
-        if any(key == m or (m.endswith(".") and key.startswith(m)) for m in MAY_CHANGE):
+        if any(key == m or (m.endswith(".") and key.startswith(m)) for m in may_change):
             continue
         if a.get(key, "<absent>") != b.get(key, "<absent>"):
-            diffs.append(f"{key}: checkpoint {a.get(key, '<absent>')!r} != job {b.get(key, '<absent>')!r}")
+            diffs.append(f"{key}: {labels[0]} {a.get(key, '<absent>')!r} != {labels[1]} {b.get(key, '<absent>')!r}")
     return diffs
 
 
