@@ -130,7 +130,9 @@ def _plot(rows: list[dict], T: int, path: Path) -> None:
     base = next((r["NDCG@10"] for r in rows if r["S"] == 0), None)
     if base is not None:  # the parity band the issue asks for: within 1 % of the ancestral sampler
         ax.axhspan(0.99 * base, 1.01 * base, color="tab:blue", alpha=0.1, label="ancestral ± 1 %")
-        ax.set_ylim(0.97 * base, 1.03 * base)
+        lo = min([0.97 * base] + [r["NDCG@10"] - r["NDCG@10_sd"] for r in rows])
+        hi = max([1.03 * base] + [r["NDCG@10"] + r["NDCG@10_sd"] for r in rows])
+        ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))  # every point and its bar in view
     ax.set_xscale("log", base=2)
     ax.set_xlabel(f"reverse steps (T = {T}: the paper's ancestral sampler; fewer: DDIM)")
     ax.set_ylabel("val NDCG@10 (%)")

@@ -196,7 +196,8 @@ def run(args) -> int:
     text += f" Wall time of this command: {(time.perf_counter() - t0) / 60:.1f} min (rows run: " \
             f"{', '.join(r.name for r in rows)})."
     if kept:
-        text += (f" Rows kept from {source}: {', '.join(kept)} (their seeds and overrides as stored in each run's "
+        shown_source = source.relative_to(REPO_ROOT) if source.is_relative_to(REPO_ROOT) else source
+        text += (f" Rows kept from {shown_source}: {', '.join(kept)} (their seeds and overrides as stored in each run's "
                  "config, not this command's).")
         stale = stale_runs(table, kept)
         if stale:

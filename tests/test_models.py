@@ -56,6 +56,54 @@ def test_sasrec_is_causal():
     assert not torch.allclose(x[:, -1], y[:, -1])
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_last_only_encoder_equals_the_full_encoder_at_the_last_position(causal):
+    """The last block computed for the last row alone (``last_only``) gives what the full
+    encoder gives there, padded rows and an all-padding history included, and the same
+    gradients; only float rounding differs (another GEMM shape)."""
+    from recsys_dist.models.transformer import TransformerEncoder
+
+    torch.manual_seed(3)
+    enc = TransformerEncoder(D, 3, 2, 0.0, causal)
+    hist, mask, _ = _inputs()
+    mask[0] = False  # an empty history: the last row attends only to itself
+    x = hist.clone().requires_grad_(True)
+    full = enc(x, mask)[:, -1]
+    last = enc(x, mask, last_only=True)
+    assert last.shape == (4, 1, D)
+    assert torch.allclose(last[:, -1], full, atol=1e-5), (last[:, -1] - full).abs().max()
+    g_full = torch.autograd.grad(full.square().sum(), [x, *enc.parameters()])
+    g_last = torch.autograd.grad(last.square().sum(), [x, *enc.parameters()])
+    for a, b in zip(g_full, g_last):
+        assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
+
+
+@pytest.mark.parametrize("form", ["official", "paper"])
+def test_diffurec_step_reads_the_full_encoder_at_the_last_position(form):
+    """DiffuRec's approximator (every training query and reverse step) runs its last block for
+    the last row only; the result is the full blocks' last row, as the model defines it."""
+    from recsys_dist.models.transformer import attention_mask
+
+    model = _model("diffurec", diffurec_form=form, lambda_uncertainty=0.5, sample_steps=0).eval()
+    hist, mask, ev = _diffurec_inputs(model)
+    x_t, t, lam = torch.randn(4, D), torch.full((4,), 3), ev["lam"][:, 0]
+    got = model.approximate(hist, mask, x_t, t, lam)
+    if form == "paper":
+        from recsys_dist.diffusion import timestep_embedding
+        d_t = model.step_mlp(timestep_embedding(t, D))
+        z = model.norm(hist + lam * (x_t + d_t)[:, None, :]) * mask[..., None]
+        want = model.encoder(z, mask)[:, -1]
+    else:
+        from recsys_dist.diffusion import timestep_embedding
+        d_t = model.step_mlp(timestep_embedding(t.float() * (1000.0 / model.steps), D))
+        x = model.norm(hist) * mask[..., None] + lam * (x_t + d_t)[:, None, :]
+        attn = attention_mask(mask, causal=False)
+        for block in model.encoder.blocks:
+            x = block(x, attn)
+        want = model.encoder.ln(x[:, -1])
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+
+
 def test_classifier_free_guidance_mixes_conditional_and_null():
     model = _model("dreamrec", guidance_w=0.0)
     model.eval()

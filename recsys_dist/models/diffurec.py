@@ -136,16 +136,17 @@ class DiffuRec(SequenceRecommender):
             d_t = self.step_mlp(timestep_embedding(t, self.dim).to(hist.dtype))
             z = hist + lam.to(hist.dtype) * (x_t + d_t)[:, None, :]
             z = self.norm(self.drop(z)) * mask[..., None]
-            return self.encoder(z, mask)[:, -1]
+            return self.encoder(z, mask, last_only=True)[:, -1]
         # official (module docstring): LN(drop(e)) + lambda * (x_t + d_t), blocks, drop, LN
         s = t.float() * (1000.0 / self.steps)
         d_t = self.step_mlp(timestep_embedding(s, self.dim).to(hist.dtype))
         e = self.norm(self.drop(hist)) * mask[..., None]
         x = e + lam.to(hist.dtype) * (x_t + d_t)[:, None, :]
         attn = attention_mask(mask, causal=False)
-        for block in self.encoder.blocks:
-            x = self.rep_drop(block(x, attn))
-        return self.encoder.ln(self.rep_drop(x[:, -1]))  # row-wise ops: the last row only
+        last = len(self.encoder.blocks) - 1
+        for i, block in enumerate(self.encoder.blocks):
+            x = self.rep_drop(block(x, attn, last_only=i == last))  # the last block: the last row only
+        return self.encoder.ln(self.rep_drop(x[:, -1]))  # (B, 1, d) -> (B, d)
 
     def query(self, hist, mask, target, noise):
         t = noise["t"]

@@ -155,7 +155,7 @@ class DreamRec(GuidedDenoiser):
             return self._official_guidance(hist, mask)
         L = hist.shape[1]
         x = self.drop(hist * math.sqrt(self.dim) + self.pos.weight[-L:][None]) * mask[..., None]
-        return self.encoder(x, mask)[:, -1]
+        return self.encoder(x, mask, last_only=True)[:, -1]
 
     def _official_guidance(self, hist: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         # an empty history is the official len_seq 1 over the (zero) pad row: the last column

@@ -31,21 +31,21 @@ class SASRec(SequenceRecommender):
         self.drop = nn.Dropout(emb_dropout)
         self.encoder = TransformerEncoder(dim, num_blocks, num_heads, dropout, causal=True)
 
-    def _encode(self, hist: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """(B, L, d): the causal encoder's output at every position."""
+    def _encode(self, hist: torch.Tensor, mask: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """(B, L, d): the causal encoder's output at every position ((B, 1, d): the last only)."""
         L = hist.shape[1]
         x = hist * math.sqrt(self.dim) + self.pos.weight[-L:][None]
         x = self.drop(x) * mask[..., None]
-        return self.encoder(x, mask)
+        return self.encoder(x, mask, last_only)
 
     def query(self, hist, mask, target, noise):
-        return self._encode(hist, mask)[:, -1]
+        return self._encode(hist, mask, last_only=True)[:, -1]
 
     def query_all(self, hist, mask, noise):
         return self._encode(hist, mask)
 
     def infer(self, hist, mask, noise):
-        return self._encode(hist, mask)[:, -1]
+        return self._encode(hist, mask, last_only=True)[:, -1]
 
 
 @dataclass

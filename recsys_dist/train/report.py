@@ -206,27 +206,45 @@ class RunReport:
 def plot_learning_curves(runs: list[tuple[str, list]], path: Path, metric: str = "NDCG@10") -> None:
     """One PNG, two panels: validation ``metric`` (%) against epoch and against training wall
     time (minutes, validation excluded), one line per ``(label, [(step, metrics), ...])`` run.
-    Runs whose records lack ``epoch`` / ``train_seconds`` (older runs) are drawn against step."""
+    Labels ``"<row> s<seed>"`` share their row's colour, one line style per seed, and the legend
+    names each row once. Runs whose records lack ``epoch`` / ``train_seconds`` (older runs) are
+    drawn against step."""
     runs = [(label, val) for label, val in runs if val]
     if not runs:
         return
+    import re
+
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+
+    def row_of(label: str) -> str:
+        m = re.fullmatch(r"(.+) s\d+", label)
+        return m.group(1) if m else label
+
+    rows = list(dict.fromkeys(row_of(label) for label, _ in runs))
+    palette = plt.get_cmap("tab10" if len(rows) <= 10 else "tab20")
+    styles, seen = ["-", "--", ":", "-."], {r: 0 for r in rows}
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10.5, 3.6), sharey=True)
     for label, val in runs:
+        row = row_of(label)
+        color, style = palette(rows.index(row) % palette.N), styles[seen[row] % len(styles)]
+        legend = row if seen[row] == 0 else None
+        seen[row] += 1
         y = [100 * m.get(metric, float("nan")) for _, m in val]
         x_epoch = [m.get("epoch", s) for s, m in val]
         x_min = [m.get("train_seconds", float("nan")) / 60 for _, m in val]
-        a1.plot(x_epoch, y, "o-", ms=3, label=label)
-        a2.plot(x_min, y, "o-", ms=3, label=label)
+        a1.plot(x_epoch, y, marker="o", ls=style, ms=3, color=color, label=legend)
+        a2.plot(x_min, y, marker="o", ls=style, ms=3, color=color)
     a1.set_xlabel("epoch")
     a2.set_xlabel("training wall time (min)")
     a1.set_ylabel(f"validation {metric} (%)")
     a1.grid(alpha=0.3)
     a2.grid(alpha=0.3)
-    a1.legend(fontsize=7)
+    several = any(n > 1 for n in seen.values())
+    fig.legend(loc="center right", fontsize=8, title="row (line style: seed)" if several else None,
+               title_fontsize=8)
     fig.suptitle(path.stem)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.84, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
