@@ -14,11 +14,13 @@ official DreamRec configuration (d 64, global batch 256, T 1000 linear, 20 DDIM 
 classifier-free guidance at eval, = ``configs/zhihu_dreamrec.yaml``). SASRec has no official
 code here (ours only). Figures: training samples/s over ``--steps`` steps after ``--warmup``
 (the samples the timed steps actually processed, divided by their wall time), and evaluation
-users/s (reverse diffusion + exact full-catalog scoring) over the same test rows on both sides:
-the first ``--eval-users`` test rows in ours' record-id order, completed to the last record's
-rows (a Zhihu session has several test rows, an ML-1M user one); the official side scores its
-first that many test users (DiffuRec: user ids ascend with the raw id on both sides) or test
-rows (DreamRec: the file's first rows are ours' first test sessions; their targets are checked).
+users/s (reverse diffusion + exact full-catalog scoring) over the same test rows on both sides
+(``test_selection``): ML-1M, ``--eval-users`` users, the first equal share of each rank's test
+records (user ids ascend with the raw id on both sides, so the official side scores the same
+users; before 2026-12-02 the first ``--eval-users`` ids were taken, which all sat on rank 0:
+ours' evaluation then ran on one of its two ranks); Zhihu, the first ``--eval-users`` test rows
+in record-id order, completed to the last session's rows, which the official side reads as the
+file's first rows (their targets are checked; by default every row, so both ranks are full).
 
 How the two sides share the 2 cores: ``--repeats`` rounds of A then B for each official side;
 models timed against the same official run (``diffurec`` and ``diffurec-ddim4``: same data and
@@ -153,7 +155,8 @@ class OfficialDiffuRec:
         del train, loader
         gc.collect()
         # the same users as ours: user idx = ascending raw user id on both sides, and ours keeps all 6,040
-        users = sorted(data["test"])[:sel["rows"]]  # TestDataset's order: sorted user ids
+        ordered = sorted(data["test"])  # TestDataset's order: sorted user ids = ours' user ids
+        users = [ordered[u] for u in sel["records"]]  # ours' chosen users, each rank's share
         sub = {k: {u: data[k][u] for u in users} for k in ("train", "val", "test")}
         self.test_loader = self.m.utils.Data_Test(sub["train"], sub["val"], sub["test"],
                                                   self.args).get_pytorch_dataloaders()
@@ -269,10 +272,16 @@ def ours_config(spec: dict, args, world: int, global_batch: int):
 
 
 def test_selection(spec: dict, args, rank: int, world: int, global_batch: int, eval_users: int) -> dict:
-    """The first ``eval_users`` test rows in record-id order, completed to the whole last record
-    (a Zhihu session has several test rows; an ML-1M user one): ``cut`` (ours scores the rows of
-    records with id < cut), ``rows`` (how many; the official side scores its first ``rows`` test
-    rows / users) and ``targets`` (their target ids, sorted)."""
+    """The test rows both sides score: ``records`` (ours' record ids, sorted), ``rows`` (how
+    many test rows) and ``targets`` (their target ids, sorted).
+
+    DiffuRec (ML-1M, one test row per user, user id = the official code's user index): the first
+    ``eval_users / world`` users of *each rank's* share, so every rank scores as many users (the
+    test records are split across ranks in blocks of ids: the first ``eval_users`` ids overall
+    would all sit on rank 0, and the other rank would idle); the official side scores the same
+    users. DreamRec (Zhihu, sessions of several rows, the official side reads the file's first
+    rows): the first ``eval_users`` rows in record-id order, completed to the whole last record
+    (by default every one of the 7,911 rows, so both ranks are full)."""
     from recsys_dist.train.data import ensure_shards, make_loader
 
     cfg = ours_config(spec, args, world, global_batch)
@@ -281,16 +290,20 @@ def test_selection(spec: dict, args, rank: int, world: int, global_batch: int, e
     mine = [(int(u), int(t)) for b in test for u, t in zip(b["user"].tolist(), b["target"].tolist())]
     every = [None] * world
     torch.distributed.all_gather_object(every, mine)
-    pairs = sorted(p for part in every for p in part)
-    if not pairs:
+    if not any(every):
         raise SystemExit(f"{spec['config']}: the test split is empty")
-    cut = pairs[min(eval_users, len(pairs)) - 1][0] + 1
-    chosen = [t for u, t in pairs if u < cut]
-    return {"cut": cut, "rows": len(chosen), "targets": sorted(chosen)}
+    if spec["official"] == "diffurec":
+        share = -(-eval_users // world)
+        chosen = sorted(p for part in every for p in sorted(part)[:share])
+    else:
+        pairs = sorted(p for part in every for p in part)
+        cut = pairs[min(eval_users, len(pairs)) - 1][0] + 1
+        chosen = [p for p in pairs if p[0] < cut]
+    return {"records": sorted({u for u, _ in chosen}), "rows": len(chosen), "targets": sorted(t for _, t in chosen)}
 
 
 def run_ours(name: str, spec: dict, args, rank: int, world: int, device, global_batch: int, steps: int,
-             cut: int) -> dict:
+             records: list[int]) -> dict:
     from recsys_dist.distributed import seed_everything
     from recsys_dist.models import build_model
     from recsys_dist.sparse import ShardedItemTable
@@ -320,7 +333,8 @@ def run_ours(name: str, spec: dict, args, rank: int, world: int, device, global_
                                len(batches) - args.warmup])
         torch.distributed.all_reduce(counts)
         test, _ = make_loader(cfg, manifest, "test", rank, world, False, cfg.eval.batch_size)
-        users = ({k: v[b["user"] < cut] for k, v in b.items()} for b in test)
+        keep = torch.tensor(records, dtype=torch.long)
+        users = ({k: v[torch.isin(b["user"], keep)] for k, v in b.items()} for b in test)
         torch.distributed.barrier()
         t0 = time.perf_counter()
         metrics = evaluate_model(engine.module, table, users, cfg.eval, cfg.data.max_len)
@@ -567,7 +581,7 @@ def main() -> None:
                 if measured is not None:
                     row["official"] = measured
                 row["ours"] = run_ours(name, MODELS[name], args, rank, world, device, global_batch, steps,
-                                       sel["cut"])
+                                       sel["records"])
                 if rank == 0:
                     tr, ev = rates(row["ours"])
                     print(f"[ours {name} round {rep + 1}] train {tr:,.1f} seq/s, eval {ev:,.1f} users/s",
