@@ -152,6 +152,28 @@ def stale_runs(table: Table, kept: dict[str, list[dict[str, Any]]]) -> list[str]
     return lines
 
 
+def reusable(path: Path, cfg) -> bool:
+    """``--reuse``: a finished run's ``metrics.json`` counts only when its stored config is what the
+    row trains now (where it ran aside, ``KEPT_MAY_DIFFER``); otherwise the row is trained again."""
+    from recsys_dist.train.checkpoint import config_mismatch
+
+    if not path.exists():
+        return False
+    stored = json.loads(path.read_text()).get("config")
+    return stored is not None and not config_mismatch(stored, cfg.to_dict(), KEPT_MAY_DIFFER, ("stored", "now"))
+
+
+def set_aside(run_dir: Path) -> Path | None:
+    """A run trained again starts fresh: an existing ``runs/<job>/`` (its checkpoints would be
+    resumed, finished or not, whatever the row asks now) is renamed to
+    ``<job>.replaced-<time>``, so nothing already written is lost. Returns the new name."""
+    if not run_dir.exists():
+        return None
+    aside = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir.rename(aside)
+    return aside
+
+
 def run(args) -> int:
     from launcher.commands import run_job
     from recsys_dist.train.report import plot_learning_curves
@@ -175,8 +197,13 @@ def run(args) -> int:
             overrides = job_overrides(table, row, seed, args.overrides)
             cfg = load_config(REPO_ROOT / row.config, overrides)
             path = cfg.run_dir() / "metrics.json"
-            if not (args.reuse and path.exists()):
+            if not (args.reuse and reusable(path, cfg)):
                 print(f"[reproduce] {table.name}: {row.name} seed {seed}", file=sys.stderr, flush=True)
+                if cfg.checkpoint.url is None and (aside := set_aside(cfg.run_dir())) is not None:
+                    print(f"[reproduce] an earlier {cfg.run_dir().name} moved to {aside.name}: this run starts fresh",
+                          file=sys.stderr, flush=True)
+                elif cfg.checkpoint.url is not None:
+                    overrides = [*overrides, "checkpoint.resume=false"]  # checkpoints elsewhere: never resume them
                 if run_job(str(REPO_ROOT / row.config), overrides, args.nproc_per_node) != 0:
                     print(f"[reproduce] {row.name} seed {seed} failed", file=sys.stderr)
                     failed += 1
@@ -216,7 +243,9 @@ def add_arguments(p) -> None:
     p.add_argument("--rows", nargs="+", default=None, help="only these rows")
     p.add_argument("--seeds", nargs="+", default=None, help="training seeds (default: the table's)")
     p.add_argument("--nproc-per-node", type=int, default=2)
-    p.add_argument("--reuse", action="store_true", help="reuse runs/<job>/metrics.json when present")
+    p.add_argument("--reuse", action="store_true",
+                   help="reuse runs/<job>/metrics.json when present and trained with the row's config now "
+                        "(otherwise, and without --reuse, the run starts fresh; an earlier run dir is renamed aside)")
     p.add_argument("--merge-from", default=None, metavar="JSON",
                    help="keep the rows not run now from this results file (default runs/reproduce/<table>.json)")
     p.add_argument("--no-merge", action="store_true", help="write only the rows run now")

@@ -132,3 +132,28 @@ def test_reproduce_flags_kept_runs_whose_row_changed() -> None:
     assert stale_runs(table, {"sasrec": [{"config": stored}]}) == []
     row.overrides = ["train.max_epochs=30"]  # the table asks for another budget now
     assert stale_runs(table, {"sasrec": [{"config": stored}]}) == ["sasrec seed 0: train.max_epochs: stored 20 != now 30"]
+
+
+def test_reproduce_trains_a_row_again_from_scratch(tmp_path) -> None:
+    # a rerun must not resume the finished run's checkpoints (it would continue the old run
+    # under the new row's settings): the old run dir is set aside, nothing is deleted; --reuse
+    # takes a finished run only if its stored config is the row's now
+    import json
+
+    from launcher.reproduce import reusable, set_aside
+    from recsys_dist.config import load_config
+
+    run_dir = tmp_path / "repro-t-a-s0"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    cfg = load_config(REPO_ROOT / "configs/zhihu_sasrec.yaml", ["train.eval_every_epochs=2"])
+    (run_dir / "metrics.json").write_text(json.dumps({"config": cfg.to_dict()}))
+    assert reusable(run_dir / "metrics.json", cfg)
+    assert reusable(run_dir / "metrics.json", load_config(REPO_ROOT / "configs/zhihu_sasrec.yaml",
+                                                          ["train.eval_every_epochs=2", "output_dir=/elsewhere"]))
+    assert not reusable(run_dir / "metrics.json", load_config(REPO_ROOT / "configs/zhihu_sasrec.yaml",
+                                                              ["train.eval_every_epochs=1"]))
+    assert not reusable(tmp_path / "missing" / "metrics.json", cfg)
+    aside = set_aside(run_dir)
+    assert not run_dir.exists() and (aside / "checkpoints").is_dir() and (aside / "metrics.json").exists()
+    assert aside.name.startswith("repro-t-a-s0.replaced-")
+    assert set_aside(run_dir) is None
