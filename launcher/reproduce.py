@@ -122,16 +122,27 @@ KEPT_MAY_DIFFER = ("name", "output_dir", "data.shards_url", "data.data_dir", "da
                    "checkpoint.")
 
 
-def kept_results(table: Table, ran: set[str], source) -> dict[str, list[dict[str, Any]]]:
-    """The previous results (a ``<TABLE>.json`` this command wrote) of the table's rows without a
-    result now (``ran``: the rows that produced one; a row whose every seed failed keeps its old
-    runs); {} when ``source`` is None or missing. Rows no longer in the table are dropped."""
+def read_results(source, required: bool = False) -> dict[str, list[dict[str, Any]]]:
+    """A ``<TABLE>.json`` this command wrote ({row: [metrics, ...]}); {} when ``source`` is None or
+    missing, unless ``required`` (an explicit ``--merge-from``): then a missing file is an error.
+    Read before anything trains, so a broken file fails the command before hours of training."""
     if source is None or not source.exists():
+        if required:
+            raise ConfigError(f"--merge-from {source}: no such file")
         return {}
     try:
         previous = json.loads(source.read_text())
+        if not isinstance(previous, dict):
+            raise ValueError("not a {row: [runs]} object")
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{source}: not a reproduction results file ({exc}); pass --no-merge") from None
+    return previous
+
+
+def kept_results(table: Table, ran: set[str], previous: dict[str, list[dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
+    """The previous results (``read_results``) of the table's rows without a result now (``ran``:
+    the rows that produced one; a row whose every seed failed keeps its old runs). Rows no
+    longer in the table are dropped."""
     names = {r.name for r in table.rows}
     return {name: runs for name, runs in previous.items() if name in names and name not in ran and runs}
 
@@ -145,7 +156,11 @@ def stale_runs(table: Table, kept: dict[str, list[dict[str, Any]]]) -> list[str]
     for row in table.rows:
         for m in kept.get(row.name, []):
             seed = int(m["config"]["train"]["seed"])
-            now = load_config(REPO_ROOT / row.config, job_overrides(table, row, seed, [])).to_dict()
+            try:
+                now = load_config(REPO_ROOT / row.config, job_overrides(table, row, seed, [])).to_dict()
+            except ConfigError as exc:  # the row's config is broken today: say so, keep the table
+                lines.append(f"{row.name} seed {seed}: its config does not load now ({exc})")
+                continue
             diffs = config_mismatch(m["config"], now, KEPT_MAY_DIFFER, ("stored", "now"))
             if diffs:
                 lines.append(f"{row.name} seed {seed}: " + "; ".join(diffs))
@@ -164,10 +179,12 @@ def reusable(path: Path, cfg) -> bool:
 
 
 def set_aside(run_dir: Path) -> Path | None:
-    """A run trained again starts fresh: an existing ``runs/<job>/`` (its checkpoints would be
-    resumed, finished or not, whatever the row asks now) is renamed to
-    ``<job>.replaced-<time>``, so nothing already written is lost. Returns the new name."""
-    if not run_dir.exists():
+    """A *finished* run trained again starts fresh: its ``runs/<job>/`` (whose last checkpoint
+    the job would otherwise resume and continue, whatever the row asks now) is renamed to
+    ``<job>.replaced-<time>``, so nothing already written is lost. An unfinished run (no
+    ``metrics.json``: interrupted) stays, and the job resumes it under the trainer's own rules.
+    Returns the new name, or None when nothing was moved."""
+    if not (run_dir / "metrics.json").exists():
         return None
     aside = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir.rename(aside)
@@ -188,6 +205,9 @@ def run(args) -> int:
     for row in rows:  # every config loads before anything trains
         for seed in table.seeds:
             load_config(REPO_ROOT / row.config, job_overrides(table, row, seed, args.overrides))
+    out = REPO_ROOT / "runs" / "reproduce"
+    source = None if args.no_merge else Path(args.merge_from) if args.merge_from else out / f"{table.name}.json"
+    previous = read_results(source, required=bool(args.merge_from) and not args.no_merge)
     t0 = time.perf_counter()
     results: dict[str, list[dict[str, Any]]] = {}
     curves = []
@@ -199,11 +219,12 @@ def run(args) -> int:
             path = cfg.run_dir() / "metrics.json"
             if not (args.reuse and reusable(path, cfg)):
                 print(f"[reproduce] {table.name}: {row.name} seed {seed}", file=sys.stderr, flush=True)
-                if cfg.checkpoint.url is None and (aside := set_aside(cfg.run_dir())) is not None:
-                    print(f"[reproduce] an earlier {cfg.run_dir().name} moved to {aside.name}: this run starts fresh",
+                if (aside := set_aside(cfg.run_dir())) is not None:
+                    print(f"[reproduce] the finished {cfg.run_dir().name} moved to {aside.name}: this run starts fresh",
                           file=sys.stderr, flush=True)
-                elif cfg.checkpoint.url is not None:
-                    overrides = [*overrides, "checkpoint.resume=false"]  # checkpoints elsewhere: never resume them
+                if cfg.checkpoint.url is not None:  # checkpoints elsewhere: each job its own fresh folder there
+                    stamp = time.strftime("%Y%m%d-%H%M%S")
+                    overrides = [*overrides, f"checkpoint.url={cfg.checkpoint.url.rstrip('/')}/{cfg.name}-{stamp}"]
                 if run_job(str(REPO_ROOT / row.config), overrides, args.nproc_per_node) != 0:
                     print(f"[reproduce] {row.name} seed {seed} failed", file=sys.stderr)
                     failed += 1
@@ -211,17 +232,20 @@ def run(args) -> int:
             m = json.loads(path.read_text())
             results.setdefault(row.name, []).append(m)
             curves.append((f"{row.name} s{seed}", [tuple(v) for v in m["validation"]]))
-    out = REPO_ROOT / "runs" / "reproduce"
-    source = None if args.no_merge else Path(args.merge_from) if args.merge_from else out / f"{table.name}.json"
-    kept = kept_results(table, set(results), source)
+    kept = kept_results(table, set(results), previous)
     for name, runs in kept.items():
-        curves += [(f"{name} s{m.get('config', {}).get('train', {}).get('seed', '?')}", [tuple(v) for v in m["validation"]])
+        curves += [(f"{name} s{m.get('config', {}).get('train', {}).get('seed', 0)}", [tuple(v) for v in m["validation"]])
                    for m in runs]
+    order = [r.name for r in table.rows]  # curves in table order, whichever ran now
+    curves.sort(key=lambda c: order.index(c[0].rsplit(" s", 1)[0]) if c[0].rsplit(" s", 1)[0] in order else len(order))
     results = {r.name: results.get(r.name) or kept[r.name] for r in table.rows if r.name in results or r.name in kept}
     shown = [r for r in table.rows if r in rows or r.name in kept]
     text = summarize(Table(table.name, table.seeds, shown, table.columns), results, args.nproc_per_node, args.overrides)
     text += f" Wall time of this command: {(time.perf_counter() - t0) / 60:.1f} min (rows run: " \
             f"{', '.join(r.name for r in rows)})."
+    failed_rows = [r.name for r in rows if r.name in kept]  # run now, no seed finished: its old runs shown
+    if failed_rows:
+        text += f" **Every seed failed now, earlier runs shown:** {', '.join(failed_rows)}."
     if kept:
         shown_source = source.relative_to(REPO_ROOT) if source.is_relative_to(REPO_ROOT) else source
         text += (f" Rows kept from {shown_source}: {', '.join(kept)} (their seeds and overrides as stored in each run's "

@@ -106,19 +106,22 @@ def test_reproduce_keeps_the_rows_not_run_now(tmp_path) -> None:
     # results file, rows no longer in the table are dropped, a broken file is one error
     import json
 
-    from launcher.reproduce import Row, Table, kept_results
+    from launcher.reproduce import Row, Table, kept_results, read_results
     from recsys_dist.config import ConfigError
 
     table = Table("t", [0], [Row(n, "configs/x.yaml") for n in ("a", "b", "c")])
-    previous = tmp_path / "t.json"
-    previous.write_text(json.dumps({"a": [{"old": 1}], "b": [{"old": 2}], "gone": [{"old": 3}], "c": []}))
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"a": [{"old": 1}], "b": [{"old": 2}], "gone": [{"old": 3}], "c": []}))
+    previous = read_results(path)
     assert kept_results(table, {"a"}, previous) == {"b": [{"old": 2}]}
     assert kept_results(table, set(), previous) == {"a": [{"old": 1}], "b": [{"old": 2}]}  # every seed failed
     assert kept_results(table, {"a", "b", "c"}, previous) == {}
-    assert kept_results(table, set(), None) == {} and kept_results(table, set(), tmp_path / "missing.json") == {}
-    previous.write_text("{not json")
+    assert read_results(None) == {} and read_results(tmp_path / "missing.json") == {}
+    with pytest.raises(ConfigError, match="missing.json"):  # an explicit --merge-from must exist
+        read_results(tmp_path / "missing.json", required=True)
+    path.write_text("{not json")
     with pytest.raises(ConfigError, match="t.json"):
-        kept_results(table, set(), previous)
+        read_results(path)
 
 
 def test_reproduce_flags_kept_runs_whose_row_changed() -> None:
@@ -157,3 +160,5 @@ def test_reproduce_trains_a_row_again_from_scratch(tmp_path) -> None:
     assert not run_dir.exists() and (aside / "checkpoints").is_dir() and (aside / "metrics.json").exists()
     assert aside.name.startswith("repro-t-a-s0.replaced-")
     assert set_aside(run_dir) is None
+    (run_dir / "checkpoints").mkdir(parents=True)  # interrupted (no metrics.json): kept, so it resumes
+    assert set_aside(run_dir) is None and (run_dir / "checkpoints").is_dir()

@@ -218,17 +218,19 @@ def plot_learning_curves(runs: list[tuple[str, list]], path: Path, metric: str =
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    def row_of(label: str) -> str:
-        m = re.fullmatch(r"(.+) s\d+", label)
-        return m.group(1) if m else label
+    def row_and_seed(label: str) -> tuple[str, int | None]:
+        m = re.fullmatch(r"(.+) s(\d+)", label)
+        return (m.group(1), int(m.group(2))) if m else (label, None)
 
-    rows = list(dict.fromkeys(row_of(label) for label, _ in runs))
+    rows = list(dict.fromkeys(row_and_seed(label)[0] for label, _ in runs))
+    seeds = sorted({s for s in (row_and_seed(label)[1] for label, _ in runs) if s is not None})
     palette = plt.get_cmap("tab10" if len(rows) <= 10 else "tab20")
     styles, seen = ["-", "--", ":", "-."], {r: 0 for r in rows}
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10.5, 3.6), sharey=True)
     for label, val in runs:
-        row = row_of(label)
-        color, style = palette(rows.index(row) % palette.N), styles[seen[row] % len(styles)]
+        row, seed = row_and_seed(label)
+        style = styles[(seeds.index(seed) if seed is not None else 0) % len(styles)]  # one style per seed number
+        color = palette(rows.index(row) % palette.N)
         legend = row if seen[row] == 0 else None
         seen[row] += 1
         y = [100 * m.get(metric, float("nan")) for _, m in val]
@@ -241,9 +243,10 @@ def plot_learning_curves(runs: list[tuple[str, list]], path: Path, metric: str =
     a1.set_ylabel(f"validation {metric} (%)")
     a1.grid(alpha=0.3)
     a2.grid(alpha=0.3)
-    several = any(n > 1 for n in seen.values())
-    fig.legend(loc="center right", fontsize=8, title="row (line style: seed)" if several else None,
-               title_fontsize=8)
+    if len(seeds) > 1:  # a key for the line styles, in grey
+        for i, seed in enumerate(seeds):
+            a2.plot([], [], ls=styles[i % len(styles)], color="grey", label=f"seed {seed}")
+    fig.legend(loc="center right", fontsize=8)
     fig.suptitle(path.stem)
     fig.tight_layout(rect=(0, 0, 0.84, 1))
     fig.savefig(path, dpi=100)
