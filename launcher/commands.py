@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from recsys_dist.config import REPO_ROOT, ConfigError, load_config, stored_config_as_now
+from recsys_dist.config import REPO_ROOT, ConfigError, load_config
 
 METRIC_COLUMNS = ["HR@5", "HR@10", "HR@20", "HR@50", "NDCG@5", "NDCG@10", "NDCG@20", "NDCG@50"]
 
@@ -194,13 +194,23 @@ COMPARE_COLUMNS = ["HR@10", "NDCG@10", "HR@20", "NDCG@20", "HR@50", "NDCG@50"]
 README_BEGIN, README_END = "<!-- compare:begin -->", "<!-- compare:end -->"
 
 
-def _same_config(saved: dict | None, cfg) -> bool:
-    """Whether a finished run's stored config is ``cfg``; fields added since it ran count as
-    their defaults (the behaviour the run had)."""
-    stored = None if saved is None else stored_config_as_now(saved)
-    if stored is None:  # no run, or a field since removed or retyped: rerun
+#: what a finished run may differ in from the job asked for now and still be reused (``--reuse``):
+#: where it ran and how it checkpointed, not what it trained or evaluated
+RUN_MAY_DIFFER = ("name", "output_dir", "data.shards_url", "data.data_dir", "data.num_workers", "train.device",
+                  "checkpoint.")
+
+
+def reusable_run(metrics_path: Path, cfg) -> bool:
+    """``--reuse`` (``compare``, ``reproduce``): whether the finished run whose ``metrics.json`` is
+    ``metrics_path`` trained what ``cfg`` asks for now (outside ``RUN_MAY_DIFFER``); fields added
+    to the config since it ran count as their defaults, the behaviour the run had
+    (``config_mismatch``). False when there is no such file or it stores no config."""
+    from recsys_dist.train.checkpoint import config_mismatch
+
+    if not metrics_path.exists():
         return False
-    return json.loads(json.dumps(stored)) == json.loads(json.dumps(cfg.to_dict()))  # tuples vs lists
+    stored = json.loads(metrics_path.read_text()).get("config")
+    return stored is not None and not config_mismatch(stored, cfg.to_dict(), RUN_MAY_DIFFER, ("stored", "now"))
 
 
 def compare(args) -> int:
@@ -212,9 +222,7 @@ def compare(args) -> int:
             config = REPO_ROOT / "configs" / f"{dataset}_{model}.yaml"
             cfg = load_config(config, args.overrides)
             metrics_path = cfg.run_dir() / "metrics.json"
-            reusable = args.reuse and metrics_path.exists() and _same_config(
-                json.loads(metrics_path.read_text()).get("config"), cfg)
-            if not reusable:
+            if not (args.reuse and reusable_run(metrics_path, cfg)):
                 code = run_job(str(config), args.overrides, args.nproc_per_node)
                 if code != 0:
                     print(f"[compare] {dataset} x {model} failed with exit code {code}", file=sys.stderr)

@@ -36,6 +36,7 @@ from typing import Any
 
 import yaml
 
+from launcher.commands import RUN_MAY_DIFFER, reusable_run
 from recsys_dist.config import REPO_ROOT, ConfigError, load_config
 
 COLUMNS = ["HR@10", "NDCG@10", "HR@20", "NDCG@20"]
@@ -117,11 +118,6 @@ def summarize(table: Table, results: dict[str, list[dict[str, Any]]], nproc: int
     return "\n".join(lines)
 
 
-#: what a kept run may differ in from its row's job today: where it ran, not what it trained
-KEPT_MAY_DIFFER = ("name", "output_dir", "data.shards_url", "data.data_dir", "data.num_workers", "train.device",
-                   "checkpoint.")
-
-
 def read_results(source, required: bool = False) -> dict[str, list[dict[str, Any]]]:
     """A ``<TABLE>.json`` this command wrote ({row: [metrics, ...]}); {} when ``source`` is None or
     missing, unless ``required`` (an explicit ``--merge-from``): then a missing file is an error.
@@ -161,21 +157,10 @@ def stale_runs(table: Table, kept: dict[str, list[dict[str, Any]]]) -> list[str]
             except ConfigError as exc:  # the row's config is broken today: say so, keep the table
                 lines.append(f"{row.name} seed {seed}: its config does not load now ({exc})")
                 continue
-            diffs = config_mismatch(m["config"], now, KEPT_MAY_DIFFER, ("stored", "now"))
+            diffs = config_mismatch(m["config"], now, RUN_MAY_DIFFER, ("stored", "now"))
             if diffs:
                 lines.append(f"{row.name} seed {seed}: " + "; ".join(diffs))
     return lines
-
-
-def reusable(path: Path, cfg) -> bool:
-    """``--reuse``: a finished run's ``metrics.json`` counts only when its stored config is what the
-    row trains now (where it ran aside, ``KEPT_MAY_DIFFER``); otherwise the row is trained again."""
-    from recsys_dist.train.checkpoint import config_mismatch
-
-    if not path.exists():
-        return False
-    stored = json.loads(path.read_text()).get("config")
-    return stored is not None and not config_mismatch(stored, cfg.to_dict(), KEPT_MAY_DIFFER, ("stored", "now"))
 
 
 def set_aside(run_dir: Path) -> Path | None:
@@ -217,7 +202,7 @@ def run(args) -> int:
             overrides = job_overrides(table, row, seed, args.overrides)
             cfg = load_config(REPO_ROOT / row.config, overrides)
             path = cfg.run_dir() / "metrics.json"
-            if not (args.reuse and reusable(path, cfg)):
+            if not (args.reuse and reusable_run(path, cfg)):
                 print(f"[reproduce] {table.name}: {row.name} seed {seed}", file=sys.stderr, flush=True)
                 if (aside := set_aside(cfg.run_dir())) is not None:
                     print(f"[reproduce] the finished {cfg.run_dir().name} moved to {aside.name}: this run starts fresh",
@@ -231,13 +216,13 @@ def run(args) -> int:
                     continue
             m = json.loads(path.read_text())
             results.setdefault(row.name, []).append(m)
-            curves.append((f"{row.name} s{seed}", [tuple(v) for v in m["validation"]]))
+            curves.append((row.name, seed, [tuple(v) for v in m["validation"]]))
     kept = kept_results(table, set(results), previous)
     for name, runs in kept.items():
-        curves += [(f"{name} s{m.get('config', {}).get('train', {}).get('seed', 0)}", [tuple(v) for v in m["validation"]])
+        curves += [(name, int(m.get("config", {}).get("train", {}).get("seed", 0)), [tuple(v) for v in m["validation"]])
                    for m in runs]
     order = [r.name for r in table.rows]  # curves in table order, whichever ran now
-    curves.sort(key=lambda c: order.index(c[0].rsplit(" s", 1)[0]) if c[0].rsplit(" s", 1)[0] in order else len(order))
+    curves.sort(key=lambda c: (order.index(c[0]) if c[0] in order else len(order), c[1]))
     results = {r.name: results.get(r.name) or kept[r.name] for r in table.rows if r.name in results or r.name in kept}
     shown = [r for r in table.rows if r in rows or r.name in kept]
     text = summarize(Table(table.name, table.seeds, shown, table.columns), results, args.nproc_per_node, args.overrides)

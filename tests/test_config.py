@@ -31,21 +31,29 @@ def test_overrides_and_bases(tmp_path):
         parse_overrides(["oops"])
 
 
-def test_compare_reuses_a_run_only_when_its_config_is_the_same():
+def test_reuse_takes_a_finished_run_only_when_its_config_is_the_same(tmp_path):
+    # compare --reuse and reproduce --reuse share launcher.commands.reusable_run
     import json
 
-    from launcher.commands import _same_config
+    from launcher.commands import reusable_run
     from recsys_dist.config import load_config
 
     cfg = load_config(None, ["model.name=dreamrec", "train.max_steps=50"])
+    path = tmp_path / "metrics.json"
+
+    def stored_as(config) -> Path:
+        path.write_text(json.dumps({"config": config}))
+        return path
+
     stored = json.loads(json.dumps(cfg.to_dict()))
-    assert _same_config(stored, cfg)
+    assert reusable_run(stored_as(stored), cfg)
     del stored["model"]["guidance_ce_weight"]  # a run from before the field existed: its default applies
-    assert _same_config(stored, cfg)
-    assert not _same_config(stored, load_config(None, ["model.name=dreamrec", "train.max_steps=60"]))
-    assert not _same_config(stored, load_config(None, ["model.name=dreamrec", "train.max_steps=50",
-                                                       "model.guidance_ce_weight=1.0"]))
-    assert not _same_config({"model": {"retired_field": 1}}, cfg) and not _same_config(None, cfg)
+    assert reusable_run(stored_as(stored), cfg)
+    assert not reusable_run(path, load_config(None, ["model.name=dreamrec", "train.max_steps=60"]))
+    assert not reusable_run(path, load_config(None, ["model.name=dreamrec", "train.max_steps=50",
+                                                     "model.guidance_ce_weight=1.0"]))
+    assert not reusable_run(stored_as({"model": {"retired_field": 1}}), cfg)
+    assert not reusable_run(stored_as(None), cfg) and not reusable_run(tmp_path / "missing.json", cfg)
 
 
 @pytest.mark.parametrize("override, message", [

@@ -143,22 +143,46 @@ def test_reproduce_trains_a_row_again_from_scratch(tmp_path) -> None:
     # takes a finished run only if its stored config is the row's now
     import json
 
-    from launcher.reproduce import reusable, set_aside
+    from launcher.commands import reusable_run
+    from launcher.reproduce import set_aside
     from recsys_dist.config import load_config
 
     run_dir = tmp_path / "repro-t-a-s0"
     (run_dir / "checkpoints").mkdir(parents=True)
     cfg = load_config(REPO_ROOT / "configs/zhihu_sasrec.yaml", ["train.eval_every_epochs=2"])
     (run_dir / "metrics.json").write_text(json.dumps({"config": cfg.to_dict()}))
-    assert reusable(run_dir / "metrics.json", cfg)
-    assert reusable(run_dir / "metrics.json", load_config(REPO_ROOT / "configs/zhihu_sasrec.yaml",
+    assert reusable_run(run_dir / "metrics.json", cfg)
+    assert reusable_run(run_dir / "metrics.json", load_config(REPO_ROOT / "configs/zhihu_sasrec.yaml",
                                                           ["train.eval_every_epochs=2", "output_dir=/elsewhere"]))
-    assert not reusable(run_dir / "metrics.json", load_config(REPO_ROOT / "configs/zhihu_sasrec.yaml",
+    assert not reusable_run(run_dir / "metrics.json", load_config(REPO_ROOT / "configs/zhihu_sasrec.yaml",
                                                               ["train.eval_every_epochs=1"]))
-    assert not reusable(tmp_path / "missing" / "metrics.json", cfg)
+    assert not reusable_run(tmp_path / "missing" / "metrics.json", cfg)
     aside = set_aside(run_dir)
     assert not run_dir.exists() and (aside / "checkpoints").is_dir() and (aside / "metrics.json").exists()
     assert aside.name.startswith("repro-t-a-s0.replaced-")
     assert set_aside(run_dir) is None
     (run_dir / "checkpoints").mkdir(parents=True)  # interrupted (no metrics.json): kept, so it resumes
     assert set_aside(run_dir) is None and (run_dir / "checkpoints").is_dir()
+
+
+def test_learning_curves_of_a_table_one_colour_per_row_one_style_per_seed(tmp_path, monkeypatch) -> None:
+    # reproduce's PNG: (row, seed, validation) runs; a row name may itself contain " s<digits>"
+    from matplotlib import pyplot as plt
+
+    from recsys_dist.train.report import plot_learning_curves
+
+    val = [(10, {"NDCG@10": 0.01, "epoch": 1, "train_seconds": 30.0}),
+           (20, {"NDCG@10": 0.02, "epoch": 2, "train_seconds": 60.0})]
+    runs = [("sasrec s2", 0, val), ("sasrec s2", 1, val), ("gru4rec", 0, val), ("empty", 0, [])]
+    captured = {}
+    real_savefig = plt.Figure.savefig
+
+    def savefig(fig, path, **kw):
+        captured["lines"] = [(line.get_color(), line.get_linestyle()) for line in fig.axes[0].lines]
+        return real_savefig(fig, path, **kw)
+
+    monkeypatch.setattr(plt.Figure, "savefig", savefig)
+    plot_learning_curves(runs, tmp_path / "t_curves.png")
+    assert (tmp_path / "t_curves.png").stat().st_size > 0
+    (c0, s0), (c1, s1), (c2, s2) = captured["lines"]  # the empty run draws nothing
+    assert c0 == c1 != c2 and s0 == s2 != s1

@@ -9,7 +9,8 @@ a (prefix, target) sample, every DiffuRec reverse step) need not compute the oth
 rows in the last block: their keys and values feed the last query, their outputs feed nothing.
 With ``last_only`` the last block projects queries, mixes, and runs its FFN for the last row
 alone, returning (B, 1, d): the same values up to float rounding (a different GEMM shape), at
-about 2/12 of the last block's per-position cost (its key/value projections stay).
+about 3/12 of the last block's per-position cost (its query/key/value projection stays: one
+call of the ``qkv`` module, so ZeRO-3's per-module parameter gathering sees it).
 """
 
 from __future__ import annotations
@@ -51,9 +52,11 @@ class SelfAttention(nn.Module):
             q, k, v = self.qkv(x).view(B, L, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn, dropout_p=p)
             return self.out(y.transpose(1, 2).reshape(B, L, d))
-        w, b = self.qkv.weight, self.qkv.bias  # rows [0, d): queries, [d, 3d): keys then values
-        q = F.linear(x[:, -1:], w[:d], b[:d]).view(B, 1, self.heads, d // self.heads).transpose(1, 2)
-        k, v = F.linear(x, w[d:], b[d:]).view(B, L, 2, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        # Through the module, not its weight: ZeRO-3 gathers a module's parameters only when the
+        # module itself is called (slicing qkv.weight here would read a partitioned, empty tensor).
+        qkv = self.qkv(x)  # (B, L, 3d): queries, keys, values; only the last row's query is used
+        q = qkv[:, -1:, :d].reshape(B, 1, self.heads, d // self.heads).transpose(1, 2)
+        k, v = qkv[..., d:].reshape(B, L, 2, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn[:, :, -1:], dropout_p=p)
         return self.out(y.transpose(1, 2).reshape(B, 1, d))
 

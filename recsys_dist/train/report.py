@@ -171,7 +171,7 @@ class RunReport:
         tmp.write_text(json.dumps(payload, indent=2, default=str))
         os.replace(tmp, self.run_dir / "metrics.json")
         self._plot()
-        plot_learning_curves([(self.run_dir.name, self.val)], self.run_dir / "curve.png",
+        plot_learning_curves([(self.run_dir.name, None, self.val)], self.run_dir / "curve.png",
                              payload.get("select_metric", "NDCG@10"))
         if self.writer is not None:
             self.writer.flush()
@@ -203,32 +203,25 @@ class RunReport:
             self.writer.close()
 
 
-def plot_learning_curves(runs: list[tuple[str, list]], path: Path, metric: str = "NDCG@10") -> None:
+def plot_learning_curves(runs: list[tuple[str, int | None, list]], path: Path, metric: str = "NDCG@10") -> None:
     """One PNG, two panels: validation ``metric`` (%) against epoch and against training wall
-    time (minutes, validation excluded), one line per ``(label, [(step, metrics), ...])`` run.
-    Labels ``"<row> s<seed>"`` share their row's colour, one line style per seed, and the legend
-    names each row once. Runs whose records lack ``epoch`` / ``train_seconds`` (older runs) are
-    drawn against step."""
-    runs = [(label, val) for label, val in runs if val]
+    time (minutes, validation excluded), one line per ``(row, seed, [(step, metrics), ...])`` run
+    (``seed`` None: a single run). Runs of one row share its colour, one line style per seed, and
+    the legend names each row once. Runs whose records lack ``epoch`` / ``train_seconds`` (older
+    runs) are drawn against step."""
+    runs = [(row, seed, val) for row, seed, val in runs if val]
     if not runs:
         return
-    import re
-
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    def row_and_seed(label: str) -> tuple[str, int | None]:
-        m = re.fullmatch(r"(.+) s(\d+)", label)
-        return (m.group(1), int(m.group(2))) if m else (label, None)
-
-    rows = list(dict.fromkeys(row_and_seed(label)[0] for label, _ in runs))
-    seeds = sorted({s for s in (row_and_seed(label)[1] for label, _ in runs) if s is not None})
+    rows = list(dict.fromkeys(row for row, _, _ in runs))
+    seeds = sorted({seed for _, seed, _ in runs if seed is not None})
     palette = plt.get_cmap("tab10" if len(rows) <= 10 else "tab20")
     styles, seen = ["-", "--", ":", "-."], {r: 0 for r in rows}
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10.5, 3.6), sharey=True)
-    for label, val in runs:
-        row, seed = row_and_seed(label)
+    for row, seed, val in runs:
         style = styles[(seeds.index(seed) if seed is not None else 0) % len(styles)]  # one style per seed number
         color = palette(rows.index(row) % palette.N)
         legend = row if seen[row] == 0 else None
