@@ -44,6 +44,30 @@ def test_epochs_patience_and_curves(tmp_path) -> None:
     assert (tmp_path / "epochs" / "curve.png").stat().st_size > 0
 
 
+def _fit_three_times(overrides: list[str]):
+    """The same early-stopped job run again (it resumes its last checkpoint), then again with
+    a larger patience."""
+    return [_fit(overrides), _fit(overrides), _fit([*overrides, "train.patience=2"])]
+
+
+@pytest.mark.skipif(not DATA.exists(), reason=f"ML-1M not found at {DATA}")
+def test_a_resumed_early_stopped_run_does_not_train_past_its_stop(tmp_path) -> None:
+    # lr 0: validation never improves; patience 1 stops at the 2nd epoch. Run again, the job
+    # resumes that checkpoint and must only select and test; patience 2 lets it train one more
+    overrides = ["data.dataset=ml-1m", "data.max_len=10", "data.source.max_users=60", "data.train_prefixes_per_user=4",
+                 f"data.shards_url={tmp_path / 'shards'}", f"output_dir={tmp_path}", "name=resumed-stop",
+                 "train.batch_size=32", "train.max_steps=100000", "train.max_epochs=5", "train.eval_every_epochs=1",
+                 "train.patience=1", "train.lr=0.0", "sparse.optimizer=sgd", "sparse.lr=0.0", "model.dropout=0.0",
+                 "model.emb_dropout=0.0", "eval.val_max_users=null"]
+    first, again, longer = run_distributed(_fit_three_times, 2, overrides)[0]
+    spe = first["steps_per_epoch"]
+    assert first["stopped_early"] and first["steps"] == 2 * spe
+    assert again["stopped_early"] and again["steps"] == 2 * spe and again["validation"] == first["validation"]
+    assert again["selected_step"] == first["selected_step"] == spe
+    assert longer["stopped_early"] and longer["steps"] == 3 * spe
+    assert [s for s, _ in longer["validation"]] == [spe, 2 * spe, 3 * spe]
+
+
 def _selection_memory(overrides: list[str]):
     """A state selected before training moves on is copied then (not at its validation) and
     restored for the test; a state selected at the run's end is never copied."""

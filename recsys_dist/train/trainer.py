@@ -109,6 +109,7 @@ class Trainer:
         self.state = TrainState()
         self.ckpt: CheckpointManager | None = None
         self._saved_step: int | None = None
+        self.stop_early = False  # set by validate(), or by _resume() for a run that had stopped
         self._resume()
         self.best: Snapshot | None = None  # in memory; with checkpoints also on storage (save_best)
         # the best state is the current one until training moves on: it is copied only then
@@ -119,7 +120,6 @@ class Trainer:
         self._wall_before = float(self.last_val.get("train_seconds", 0.0))
         self._t_run, self._t_val = time.perf_counter(), 0.0
         self._t_train, self._timed_steps, self._local_steps = 0.0, 0, 0
-        self.stop_early = False
         self.reader = None  # the current epoch's reader (its position goes into checkpoints)
         self.bar = None  # the progress bar (rank 0), made by the first train_epoch
 
@@ -149,6 +149,14 @@ class Trainer:
         state = self.state = self.ckpt.load(latest, self.engine, self.table)
         self._saved_step = state.step
         self.report.losses, self.report.val = list(state.losses), list(state.val)
+        since_best = self._validations_since_best()
+        if cfg.train.patience > 0 and since_best >= cfg.train.patience:
+            # the run had stopped early (or would have, under this patience): continuing would
+            # train past its stop; a larger train.patience on resume lets it train on
+            self.stop_early = True
+            log.info("resumed at step %d after an early stop (%d validations without a better %s, "
+                     "train.patience %d): no more training; selecting and testing", state.step, since_best,
+                     cfg.eval.select_metric, cfg.train.patience)
         if not state.batch_in_epoch:
             return
         probe, _ = self._train_loader()
@@ -248,12 +256,17 @@ class Trainer:
             self.best, self._best_is_current = None, True  # copied before the next step (train_epoch)
             if self.ckpt is not None:
                 self.ckpt.save_best(self.engine, self.table, state.step, value)
-        since_best = sum(1 for s, _ in self.report.val if state.best_step is not None and s > state.best_step)
+        since_best = self._validations_since_best()
         if cfg.train.patience > 0 and since_best >= cfg.train.patience:
             self.stop_early = True
             log.info("early stop at step %d: %d validations without a better %s (best %.4f at step %s)",
                      state.step, since_best, cfg.eval.select_metric, state.best_value, state.best_step)
         return metrics
+
+    def _validations_since_best(self) -> int:
+        """Validations recorded after the selected one (all of them when none is selected yet)."""
+        best = self.state.best_step
+        return sum(1 for s, _ in self.report.val if best is not None and s > best)
 
     def _copy_best_in_memory(self) -> bool:
         """Whether the selected state is also copied in memory: always without checkpoints;
