@@ -96,8 +96,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line; ``key.sub=value`` overrides may stand anywhere after the command.
+
+    argparse fills a ``nargs="*"`` positional once, at its first chance, so overrides after an
+    option (``reproduce ml1m --rows a -- train.lr=1e-3``, ``train --config c --nproc-per-node 1
+    model.dim=32``) would be refused as unrecognized; they are appended to the command's
+    overrides in order instead. Anything else left over is still a usage error.
+    """
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    extra = [a for a in extra if a != "--"]
+    stray = [a for a in extra if "=" not in a or a.startswith("-")]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except ConfigError as e:  # bad job config (file, field, type, override): one line, no traceback

@@ -50,3 +50,18 @@ def test_demo_and_compare_report_config_errors_the_same_way(capsys):
     assert main(["compare", "--datasets", "zhihu", "--models", "sasrec", "--", "model.dim=big"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "config field 'model.dim' expects int, got 'big'" in err
+
+
+def test_overrides_may_follow_options_and_a_double_dash():
+    """argparse fills a ``nargs="*"`` positional once: overrides after an option used to be refused."""
+    from launcher.__main__ import parse_args
+
+    args = parse_args(["reproduce", "ml1m", "--rows", "sasrec-allpos", "--seeds", "0", "--", "checkpoint.every=240"])
+    assert (args.table, args.rows, args.seeds, args.overrides) == ("ml1m", ["sasrec-allpos"], ["0"], ["checkpoint.every=240"])
+    args = parse_args(["train", "--config", JOB, "model.dim=32", "--nproc-per-node", "1", "train.lr=0.1"])
+    assert (args.nproc_per_node, args.overrides) == (1, ["model.dim=32", "train.lr=0.1"])  # in the order given
+    with pytest.raises(SystemExit) as e:  # a stray word is still a usage error
+        parse_args(["reproduce", "ml1m", "--rows", "a", "--", "oops"])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit):  # plan takes no overrides
+        parse_args(["plan", "--items", "10", "x.y=1"])
