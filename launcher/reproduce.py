@@ -80,8 +80,9 @@ def job_overrides(table: Table, row: Row, seed: int, extra: list[str]) -> list[s
     return [*row.overrides, f"train.seed={seed}", f"name=repro-{table.name}-{row.name}-s{seed}", *extra]
 
 
-def mean_sd(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+def mean_sd(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample sd; the sd is None for one value (one seed has no spread)."""
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
 def summarize(table: Table, results: dict[str, list[dict[str, Any]]], nproc: int, extra: list[str]) -> str:
@@ -99,7 +100,7 @@ def summarize(table: Table, results: dict[str, list[dict[str, Any]]], nproc: int
         cells = []
         for c in cols:
             m, sd = mean_sd([r["test"][c] for r in runs])
-            cells.append(f"{100 * m:.2f} ± {100 * sd:.2f}")
+            cells.append(f"{100 * m:.2f}" + ("" if sd is None else f" ± {100 * sd:.2f}"))
         paper = ", ".join(f"{k} {v}" for k, v in row.paper.items())
         official = ", ".join(f"{k} {v}" for k, v in row.official.items())
         epochs = statistics.fmean(r.get("epochs", float("nan")) for r in runs)
@@ -113,7 +114,7 @@ def summarize(table: Table, results: dict[str, list[dict[str, Any]]], nproc: int
     cmd = f"python -m launcher reproduce {table.name}" + (f" --nproc-per-node {nproc}" if nproc != 2 else "")
     cmd += "".join(f" {o}" for o in extra)
     lines += ["", f"Command: `{cmd}` (per row: `configs/reproduce/{table.name}.yaml`; seeds {table.seeds}). "
-                  "Metrics in %, mean ± sample sd over training seeds; full catalog, validation-selected, "
+                  "Metrics in %, mean ± sample sd over training seeds (one seed: its value, no spread); full catalog, validation-selected, "
                   "test once, ties by expected rank."]
     return "\n".join(lines)
 

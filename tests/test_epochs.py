@@ -123,6 +123,10 @@ def test_reproduce_table_aggregates_over_training_seeds() -> None:
     assert cells[0] == "20.00 ± 10.00"  # mean and sample sd of 10, 20, 30 %
     assert cells[1] == "10.00 ± 5.00"
     assert "| popularity | 1.00 |" in text
+    # one training seed has no spread: its value alone, never a "± 0.00" that reads as a measured one
+    text = summarize(table, {"m": [run(0.10)]}, 2, [])
+    row = next(line for line in text.splitlines() if line.startswith("| m |"))
+    assert [c.strip() for c in row.split("|")[2:4]] == ["10.00", "5.00"]
 
 
 def test_reproduce_keeps_the_rows_not_run_now(tmp_path) -> None:
