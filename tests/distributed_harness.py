@@ -34,7 +34,9 @@ def _to_host(value: Any) -> Any:
     return value
 
 
-def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, queue) -> None:
+def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, queue, env: dict) -> None:
+    os.environ.clear()  # the caller's environment now, not the forkserver's at its start
+    os.environ.update(env)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                       OMP_NUM_THREADS="1")
@@ -50,12 +52,26 @@ def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, queue) 
             dist.destroy_process_group()
 
 
+# Workers fork from one forkserver that has imported these once per test session: a fresh
+# process importing torch + torchrec costs ~3 s, and the suite starts a few hundred of them.
+# The forkserver itself starts no threads (imports only), so forking it is safe; each worker
+# still starts its own process group and RNG, and takes the caller's environment as it is at
+# the call (tests set credentials and endpoints with monkeypatch).
+PRELOAD = ["torch", "torch.distributed", "torchrec", "recsys_dist.sparse", "recsys_dist.train.engine"]
+
+
+def _context():
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    return ctx
+
+
 def run_distributed(fn: Callable, world_size: int, *args: Any, timeout_s: float = 600) -> list[Any]:
     """Call ``fn(*args)`` on ``world_size`` processes; return the per-rank results in rank order."""
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)]
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue, dict(os.environ))) for r in range(world_size)]
     for p in procs:
         p.start()
     results: dict[int, Any] = {}
