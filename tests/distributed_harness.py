@@ -1,4 +1,4 @@
-"""Run a function on N real processes (torch.multiprocessing, gloo) and collect results.
+"""Run a function on N real processes (torch.multiprocessing forkserver, gloo) and collect results.
 
 Each worker gets the env a torchrun agent would set (RANK, WORLD_SIZE, LOCAL_RANK,
 MASTER_ADDR, MASTER_PORT) and one intra-op thread. A worker's exception is re-raised in the
