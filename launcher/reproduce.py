@@ -85,9 +85,28 @@ def mean_sd(values: list[float]) -> tuple[float, float | None]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
-def summarize(table: Table, results: dict[str, list[dict[str, Any]]], nproc: int, extra: list[str]) -> str:
+def command_line(args) -> str:
+    """The ``reproduce`` command as it was typed (its options that change what runs), for the
+    table's footer: a reader reruns exactly this."""
+    parts = ["python -m launcher reproduce", args.table]
+    if args.rows:
+        parts += ["--rows", *args.rows]
+    if args.seeds:
+        parts += ["--seeds", *map(str, args.seeds)]
+    if args.nproc_per_node != 2:
+        parts += ["--nproc-per-node", str(args.nproc_per_node)]
+    for flag in ("reuse", "no_merge"):
+        if getattr(args, flag):
+            parts.append("--" + flag.replace("_", "-"))
+    if args.merge_from:
+        parts += ["--merge-from", args.merge_from]
+    return " ".join([*parts, *args.overrides])
+
+
+def summarize(table: Table, results: dict[str, list[dict[str, Any]]], command: str) -> str:
     """Markdown table: mean ± sd (%) over training seeds, popularity (one row per dataset),
-    the paper's and the official code's figures, target, epochs, time."""
+    the paper's and the official code's figures, target, epochs, time; ``command`` is the
+    footer's (``command_line``)."""
     cols = table.columns
     head = ("| row | " + " | ".join(cols) + " | paper | official code | target | seeds | epochs | train min (mean) |")
     lines = [head, "|---|" + "---:|" * len(cols) + "---|---|---|---:|---:|---:|"]
@@ -111,9 +130,7 @@ def summarize(table: Table, results: dict[str, list[dict[str, Any]]], nproc: int
     for dataset, pop in popularity.items():
         label = "popularity" + (f" ({dataset})" if len(popularity) > 1 else "")
         lines.append(f"| {label} | " + " | ".join(f"{100 * pop[c]:.2f}" for c in cols) + " | | | | | | |")
-    cmd = f"python -m launcher reproduce {table.name}" + (f" --nproc-per-node {nproc}" if nproc != 2 else "")
-    cmd += "".join(f" {o}" for o in extra)
-    lines += ["", f"Command: `{cmd}` (per row: `configs/reproduce/{table.name}.yaml`; seeds {table.seeds}). "
+    lines += ["", f"Command: `{command}` (per row: `configs/reproduce/{table.name}.yaml`; seeds {table.seeds}). "
                   "Metrics in %, mean ± sample sd over training seeds (one seed: its value, no spread); full catalog, validation-selected, "
                   "test once, ties by expected rank."]
     return "\n".join(lines)
@@ -197,7 +214,7 @@ def run(args) -> int:
     t0 = time.perf_counter()
     results: dict[str, list[dict[str, Any]]] = {}
     curves = []
-    failed = 0
+    failed = reused = 0
     for row in rows:
         for seed in table.seeds:
             overrides = job_overrides(table, row, seed, args.overrides)
@@ -215,6 +232,8 @@ def run(args) -> int:
                     print(f"[reproduce] {row.name} seed {seed} failed", file=sys.stderr)
                     failed += 1
                     continue
+            else:
+                reused += 1
             m = json.loads(path.read_text())
             results.setdefault(row.name, []).append(m)
             curves.append((row.name, seed, [tuple(v) for v in m["validation"]]))
@@ -226,9 +245,10 @@ def run(args) -> int:
     curves.sort(key=lambda c: (order.index(c[0]) if c[0] in order else len(order), c[1]))
     results = {r.name: results.get(r.name) or kept[r.name] for r in table.rows if r.name in results or r.name in kept}
     shown = [r for r in table.rows if r in rows or r.name in kept]
-    text = summarize(Table(table.name, table.seeds, shown, table.columns), results, args.nproc_per_node, args.overrides)
+    text = summarize(Table(table.name, table.seeds, shown, table.columns), results, command_line(args))
     text += f" Wall time of this command: {(time.perf_counter() - t0) / 60:.1f} min (rows run: " \
-            f"{', '.join(r.name for r in rows)})."
+            f"{', '.join(r.name for r in rows)}" + (f"; {reused} finished run(s) reused, not trained now: their "
+                                                    "time is the table's train min" if reused else "") + ")."
     failed_rows = [r.name for r in rows if r.name in kept]  # run now, no seed finished: its old runs shown
     if failed_rows:
         text += f" **Every seed failed now, earlier runs shown:** {', '.join(failed_rows)}."

@@ -52,15 +52,22 @@ def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, queue, 
             dist.destroy_process_group()
 
 
-# Workers fork from one forkserver that has imported these once per test session: a fresh
-# process importing torch + torchrec costs ~3 s, and the suite starts a few hundred of them.
-# The forkserver itself starts no threads (imports only), so forking it is safe; each worker
-# still starts its own process group and RNG, and takes the caller's environment as it is at
-# the call (tests set credentials and endpoints with monkeypatch).
+# Workers fork from one forkserver that has imported these once per test session: a spawned
+# process importing torch + torchrec took 4-5 s here (0.1 s forked), and the suite starts a few
+# hundred. The forkserver only imports, so forking it is safe; each worker still starts its own
+# process group and RNG, and takes the caller's environment as it is at the call (tests set
+# credentials and endpoints with monkeypatch). What a preloaded module reads from the
+# environment at import time is frozen at the forkserver's start: recsys_dist reads it only
+# when called. On a CUDA build of torch, importing fbgemm_gpu queries the driver, and a CUDA
+# context must not be forked: there the workers are spawned, as before.
 PRELOAD = ["torch", "torch.distributed", "torchrec", "recsys_dist.sparse", "recsys_dist.train.engine"]
 
 
 def _context():
+    import torch
+
+    if torch.version.cuda:
+        return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)
     return ctx

@@ -117,16 +117,31 @@ def test_reproduce_table_aggregates_over_training_seeds() -> None:
         return {"test": test, "popularity_test": {k: 0.01 for k in test}, "epochs": 3.0, "train_seconds": 120.0}
 
     table = Table("t", [0, 1, 2], [Row("m", "configs/x.yaml", paper={"HR@10": 7.9})])
-    text = summarize(table, {"m": [run(0.10), run(0.20), run(0.30)]}, 2, [])
+    text = summarize(table, {"m": [run(0.10), run(0.20), run(0.30)]}, "cmd")
     row = next(line for line in text.splitlines() if line.startswith("| m |"))
     cells = [c.strip() for c in row.split("|")[2:6]]
     assert cells[0] == "20.00 ± 10.00"  # mean and sample sd of 10, 20, 30 %
     assert cells[1] == "10.00 ± 5.00"
     assert "| popularity | 1.00 |" in text
     # one training seed has no spread: its value alone, never a "± 0.00" that reads as a measured one
-    text = summarize(table, {"m": [run(0.10)]}, 2, [])
+    text = summarize(table, {"m": [run(0.10)]}, "cmd")
     row = next(line for line in text.splitlines() if line.startswith("| m |"))
     assert [c.strip() for c in row.split("|")[2:4]] == ["10.00", "5.00"]
+
+
+def test_reproduce_footer_command_reruns_the_same_selection() -> None:
+    # the table's footer names the command that made it: parsed again, it selects the same
+    # rows, seeds, reuse and overrides (a footer without --rows/--reuse once misdescribed a table)
+    import shlex
+
+    from launcher.__main__ import parse_args
+    from launcher.reproduce import command_line
+
+    for argv in (["ml1m"], ["ml1m", "--rows", "diffurec", "sasrec", "--seeds", "0", "2", "--reuse",
+                            "--nproc-per-node", "1", "--merge-from", "x.json", "train.max_epochs=3"]):
+        args = parse_args(["reproduce", *argv])
+        again = parse_args(shlex.split(command_line(args))[3:])
+        assert vars(again) == vars(args), command_line(args)
 
 
 def test_reproduce_keeps_the_rows_not_run_now(tmp_path) -> None:

@@ -154,7 +154,7 @@ def _rank_reads(url, specs, log_path):
     out = {}
     for name, split, batch_size, num_workers, kw, epochs, sync in specs:
         ds = SequenceDataset(url, split, batch_size, rank, world, max_len=MAX_LEN, **kw)
-        # fork as under torchrun (the harness's spawn would otherwise be inherited: slow imports)
+        # fork as under torchrun (the harness's start method would otherwise be inherited)
         dl = DataLoader(ds, batch_size=None, num_workers=num_workers,
                         multiprocessing_context="fork" if num_workers > 0 else None)
         runs = []

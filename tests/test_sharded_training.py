@@ -6,9 +6,10 @@ What must agree, and how closely:
   summation order differs: the cross-rank log-sum-exp and the gradient all-reduce);
 - the dense weights after 20 steps: Adam divides by sqrt(v), so a gradient that is ~0 in one
   run and 1e-9 in the other moves a weight by up to lr in a different direction. We bound the
-  difference relative to how far the weights moved: ||w1 - w2|| <= 5% of ||w1 - w0||.
-  Measured on the development machine (2026-12-07): SASRec 1.01 %, DiffuRec 0.37 %;
-  a broken run that trains on rank 0's half of each batch only is 126 % / 136 %.
+  difference relative to how far the weights moved: ||w1 - w2|| <= 3% of ||w1 - w0||.
+  Measured (2026-12-07; the same to four digits on the CI machine): SASRec 1.01 %, DiffuRec
+  0.37 %, so 3x headroom (a bound of 1 % failed CI). A dense gradient that is not the global
+  batch's mean breaks the bit-identical replicas or the SGD test below first.
 Dropout is off (its masks come from per-rank RNG); the diffusion noise is drawn for the
 global batch from a (seed, step) stream, so it is identical on every world size.
 """
@@ -74,7 +75,7 @@ def test_two_ranks_match_one_rank(model_name):
     assert (one["final"][0] == 0).all(), "padding row must never be updated"
     diff = sum(float(((two[0]["dense"][k] - one["dense"][k]) ** 2).sum()) for k in one["dense"]) ** 0.5
     travel = sum(float(((one["dense"][k] - one["dense0"][k]) ** 2).sum()) for k in one["dense"]) ** 0.5
-    assert travel > 0 and diff <= 0.05 * travel, (diff, travel)
+    assert travel > 0 and diff <= 0.03 * travel, (diff, travel)
 
 
 @pytest.mark.parametrize("sharding", ["table_wise", "column_wise"])
