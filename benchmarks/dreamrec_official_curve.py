@@ -100,6 +100,7 @@ def run_official(args) -> dict:
     # the official defaults; --seed: the official script's own --seed (default 2025)
     oargs = dreamrec_args(run_script, args.data_dir, args.seed)
     print(f"[official] args: {oargs}", flush=True)
+    started_at = time.strftime("%Y-%m-%dT%H:%M:%S")
 
     utils.setup_seed(oargs.seed)
     device = torch.device("cpu")
@@ -154,7 +155,7 @@ def run_official(args) -> dict:
             "stopped_early_at_epoch": stopped_at,
             "other_cores_busy": probe.other,
             "selected": {"epoch": best["epoch"], "by": "val HR@20", "val": best["val"], "test": best["test"]},
-            "ran_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            "ran_at": started_at}  # when the side started
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,6 +177,7 @@ def run_ours(args) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(args.ours_threads),
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     print("[ours] + " + " ".join(cmd), flush=True)
+    started_at = time.strftime("%Y-%m-%dT%H:%M:%S")
     with LoadProbe() as probe:
         code = subprocess.run(cmd, cwd=REPO, env=env).returncode
     if code != 0:
@@ -199,7 +201,7 @@ def run_ours(args) -> dict:
                          "test_seeds": m["test_seeds"]},
             "seconds_per_step": m.get("seconds_per_step"), "protocol": m.get("protocol"),
             "stopped_early": bool(m.get("stopped_early")), "epochs": float(m.get("epochs", 0.0)),
-            "ran_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            "ran_at": started_at}  # when the side started
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,6 +300,63 @@ def write_report(result: dict, out: Path) -> str:
     return text
 
 
+def write_seed_summary(out: Path, patience: int) -> str:
+    """Mean and sample sd over the training seeds already run with ``--patience P`` (every
+    ``dreamrec_official_curve[-seed<N>]-patience<P>.json`` in ``out``), each side at its own
+    val-selected epoch; written to ``dreamrec_official_curve-patience<P>-seeds.md``."""
+    import statistics
+
+    runs = []
+    for path in sorted(out.glob(f"dreamrec_official_curve*-patience{patience}.json")):
+        result = json.loads(path.read_text())
+        if result.get("patience") != patience:
+            continue
+        for side in ("official", "ours"):
+            r = result.get(side)
+            if not r:
+                continue
+            seed = result.get("seed")
+            seed = seed if seed is not None else (r["args"]["seed"] if side == "official" else 0)
+            sel = r["selected"]
+            stop = r.get("stopped_early_at_epoch") if side == "official" else (r["epochs"] if r.get("stopped_early") else None)
+            runs.append({"side": side, "seed": seed, "file": path.name, "stopped": stop, "epoch": sel["epoch"],
+                         "hr": 100 * sel["test"]["HR@20"], "ndcg": 100 * sel["test"]["NDCG@20"],
+                         "train_s": r["train_seconds"], "ran_at": r["ran_at"]})
+    if not runs:
+        raise SystemExit(f"no dreamrec_official_curve*-patience{patience}.json in {out}: run the sides first")
+    lines = [f"DreamRec on Zhihu to the official stopping point (patience {patience} evaluations), every training "
+             "seed run so far: test HR@20 / NDCG@20 (%) at each run's val-selected epoch; mean and sample sd over "
+             f"seeds. Written by `PYTHONPATH=. python benchmarks/dreamrec_official_curve.py --summary --patience {patience}` "
+             "from the json of each run (random HR@20 "
+             f"{RANDOM_HR20:.2f}, popularity 1.43 / 0.54).", "",
+             "| side | seed | stopped at epoch | selected epoch | test HR@20 | test NDCG@20 | training s | ran | from |",
+             "|---|---:|---:|---:|---:|---:|---:|---|---|"]
+    for r in sorted(runs, key=lambda r: (r["side"], r["file"])):
+        stopped = "" if r["stopped"] is None else f"{r['stopped']:g}"
+        lines.append(f"| {r['side']} | {r['seed']} | {stopped} | {r['epoch']:g} "
+                     f"| {r['hr']:.2f} | {r['ndcg']:.2f} | {r['train_s']:.0f} | {r['ran_at']} | {r['file']} |")
+    lines += ["", "| side | seeds | test HR@20 | test NDCG@20 | stopped at epoch (mean) | training s (mean) |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for side in ("official", "ours"):
+        rs = [r for r in runs if r["side"] == side]
+        if not rs:
+            continue
+
+        def ms(key: str, fmt: str = ".2f") -> str:
+            vals = [r[key] for r in rs]
+            sd = f" ± {statistics.stdev(vals):{fmt}}" if len(vals) > 1 else ""
+            return f"{statistics.fmean(vals):{fmt}}{sd}"
+        stops = [r["stopped"] for r in rs if r["stopped"] is not None]
+        lines.append(f"| {side} | {len(rs)} | {ms('hr')} | {ms('ndcg')} | "
+                     f"{statistics.fmean(stops):.0f} | {statistics.fmean(r['train_s'] for r in rs):.0f} |"
+                     if stops else f"| {side} | {len(rs)} | {ms('hr')} | {ms('ndcg')} | | |")
+    lines += ["", "Ran: when the side started. "
+              "The official code's default seed is 2025; ours 0 (the runs without --seed)."]
+    text = "\n".join(lines) + "\n"
+    (out / f"dreamrec_official_curve-patience{patience}-seeds.md").write_text(text)
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--official", default=None,
@@ -323,7 +382,15 @@ def main() -> None:
     parser.add_argument("--data-dir", default=None,
                         help="Zhihu DreamRec files (default $RECSYS_DATA_DIR or ../shared/datasets, + zhihu/raw/dreamrec)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "out"))
+    parser.add_argument("--summary", action="store_true",
+                        help="train nothing: summarize every seed already run with --patience P over seeds "
+                             "(writes dreamrec_official_curve-patience<P>-seeds.md)")
     args = parser.parse_args()
+    if args.summary:
+        if args.patience < 1:
+            parser.error("--summary needs --patience P (the runs to the stopping point)")
+        print(write_seed_summary(Path(args.out), args.patience))
+        return
     if args.epochs < 1 or args.eval_every < 1 or args.patience < 0:
         parser.error("--epochs and --eval-every must be >= 1, --patience >= 0")
     if not args.ours_only and not args.official:
