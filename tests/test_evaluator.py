@@ -1,6 +1,6 @@
 """Exactness tests for the distributed full-catalog evaluator (recsys_dist.eval).
 
-The evaluator runs in real processes (torch.multiprocessing, spawn) over a gloo process group,
+The evaluator runs in real processes (tests/distributed_harness.py) over a gloo process group,
 for world sizes 1 (in-process, no process group, and as a one-rank subgroup), 2 and 3, on a
 catalog whose size is not divisible by the world size, with users split unevenly between ranks
 (including ranks with 0 users in some batches and ranks that run out of batches early). Its
@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -40,7 +39,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from distributed_harness import run_distributed
 
 from recsys_dist.distributed import max_over_ranks, row_partition
 from recsys_dist.eval import (
@@ -53,7 +52,7 @@ from recsys_dist.eval import (
 NUM_ROWS = 1003  # not divisible by 2 or 3
 NUM_USERS = 37
 HIST_LEN = 6
-SPAWN_TIMEOUT_S = 75.0
+WORKER_TIMEOUT_S = 75.0
 
 # Per world size, per rank: sizes of the successive eval batches (sums to the case's users).
 SPLITS: dict[int, dict[int, list[list[int]]]] = {
@@ -290,34 +289,16 @@ def evaluate_all(rank: int, world: int) -> dict[str, Any]:
     return out
 
 
-def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-        timeout=timedelta(seconds=60),
-    )
-    try:
-        torch.save(evaluate_all(rank, world), os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _worker(world: int, out_dir: str) -> None:
+    """One rank of ``evaluate_all``; its output is saved as tensors (the harness's queue would
+    turn them into numpy arrays)."""
+    rank = int(os.environ["RANK"])
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    torch.save(evaluate_all(rank, world), os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-def _failing_worker(rank: int) -> None:
-    assert rank != 1, "deliberate failure on rank 1"
-
-
-def spawn(fn: Any, world: int, args: tuple[Any, ...] = ()) -> None:
-    """Run ``fn(rank, *args)`` in ``world`` processes; re-raise worker failures; never hang."""
-    ctx = mp.start_processes(fn, args=args, nprocs=world, join=False, start_method="spawn")
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    while not ctx.join(timeout=0.5):  # raises ProcessRaisedException / ProcessExitedException
-        if time.monotonic() > deadline:
-            for proc in ctx.processes:
-                if proc.is_alive():
-                    proc.kill()
-            pytest.fail(f"workers did not finish within {SPAWN_TIMEOUT_S} s")
-    for proc in ctx.processes:
-        assert proc.exitcode == 0
+def _failing_worker() -> None:
+    assert int(os.environ["RANK"]) != 1, "deliberate failure on rank 1"
 
 
 @pytest.fixture(scope="module")
@@ -326,7 +307,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[int, list[dict[str
     out: dict[int, list[dict[str, Any]]] = {1: [evaluate_all(0, 1)]}  # no process group
     for world in (2, 3):
         tmp = tmp_path_factory.mktemp(f"world{world}")
-        spawn(_worker, world, (world, str(tmp / "rdzv"), str(tmp)))
+        run_distributed(_worker, world, world, str(tmp), timeout_s=WORKER_TIMEOUT_S)
         out[world] = [torch.load(tmp / f"rank{r}.pt", weights_only=True) for r in range(world)]
     return out
 
@@ -588,8 +569,8 @@ def test_invalid_input_on_one_rank_raises_everywhere(
 
 
 def test_worker_failure_propagates() -> None:
-    with pytest.raises(mp.ProcessRaisedException, match="deliberate failure"):
-        spawn(_failing_worker, 2)
+    with pytest.raises(AssertionError, match=r"rank 1 failed:(.|\n)*deliberate failure on rank 1"):
+        run_distributed(_failing_worker, 2, timeout_s=WORKER_TIMEOUT_S)
 
 
 def test_one_pass_ran_and_falls_back_exactly(results: dict[int, list[dict[str, Any]]], monkeypatch) -> None:
