@@ -31,7 +31,8 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from test_evaluator import spawn
+from distributed_harness import run_distributed
+from test_evaluator import WORKER_TIMEOUT_S
 
 from recsys_dist.distributed import max_over_ranks, row_partition
 from recsys_dist.eval import (
@@ -193,14 +194,12 @@ def evaluate_all(rank: int, world: int) -> dict[str, Any]:
     return out
 
 
-def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world, timeout=timedelta(seconds=60))
-    try:
-        torch.save(evaluate_all(rank, world), os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _worker(world: int, out_dir: str) -> None:
+    """One rank of ``evaluate_all``, its output saved as tensors (tests/distributed_harness.py
+    starts the ranks and destroys the process group)."""
+    rank = int(os.environ["RANK"])
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    torch.save(evaluate_all(rank, world), os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +207,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[int, list[dict[str
     out: dict[int, list[dict[str, Any]]] = {1: [evaluate_all(0, 1)]}
     for world in (2, 3):
         tmp = tmp_path_factory.mktemp(f"multi{world}")
-        spawn(_worker, world, (world, str(tmp / "rdzv"), str(tmp)))
+        run_distributed(_worker, world, world, str(tmp), timeout_s=WORKER_TIMEOUT_S)
         out[world] = [torch.load(tmp / f"rank{r}.pt", weights_only=True) for r in range(world)]
     return out
 
