@@ -306,6 +306,8 @@ def write_seed_summary(out: Path, patience: int) -> str:
     val-selected epoch; written to ``dreamrec_official_curve-patience<P>-seeds.md``."""
     import statistics
 
+    from launcher.reproduce import mean_sd
+
     runs = []
     for path in sorted(out.glob(f"dreamrec_official_curve*-patience{patience}.json")):
         result = json.loads(path.read_text())
@@ -349,10 +351,9 @@ def write_seed_summary(out: Path, patience: int) -> str:
         if not rs:
             continue
 
-        def ms(key: str, fmt: str = ".2f") -> str:
-            vals = [r[key] for r in rs]
-            sd = f" ± {statistics.stdev(vals):{fmt}}" if len(vals) > 1 else ""
-            return f"{statistics.fmean(vals):{fmt}}{sd}"
+        def ms(key: str) -> str:
+            mean, sd = mean_sd([r[key] for r in rs])  # the reproduction tables' mean and sample sd
+            return f"{mean:.2f}" + ("" if sd is None else f" ± {sd:.2f}")
         lines.append(f"| {side} | {len(rs)} | {ms('hr')} | {ms('ndcg')} | {statistics.fmean(r['trained'] for r in rs):.0f} "
                      f"| {statistics.fmean(r['train_s'] for r in rs):.0f} |")
     lines += ["", "Ran: when the side started. "
