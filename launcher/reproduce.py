@@ -18,10 +18,11 @@ the mean and sample standard deviation over the training seeds of the test metri
 popularity ranker on the same users, wall time, and the command; the curves of all runs go to
 one PNG. Outputs: ``runs/reproduce/<TABLE>.md``, ``<TABLE>.json``, ``<TABLE>_curves.png``.
 
-A run of some rows (``--rows``) keeps the table's other rows from the previous results
-(``runs/reproduce/<TABLE>.json``, or ``--merge-from`` e.g. a committed ``docs/results/<TABLE>.json``),
-so a table is filled row by row across sessions; the md names the rows kept. ``--no-merge``
-writes only the rows run now.
+A run of some rows or seeds (``--rows``, ``--seeds``) keeps every other (row, seed) from the previous
+results (``runs/reproduce/<TABLE>.json``, or ``--merge-from`` e.g. a committed
+``docs/results/<TABLE>.json``), so a table is filled row by row and seed by seed across sessions;
+a (row, seed) run now replaces its earlier run, one that fails now keeps it, and the md names every
+run kept. ``--no-merge`` writes only the runs of now.
 """
 
 from __future__ import annotations
@@ -124,14 +125,15 @@ def summarize(table: Table, results: dict[str, list[dict[str, Any]]], command: s
         official = ", ".join(f"{k} {v}" for k, v in row.official.items())
         epochs = statistics.fmean(r.get("epochs", float("nan")) for r in runs)
         minutes = statistics.fmean(r.get("train_seconds", 0.0) for r in runs) / 60
-        lines.append(f"| {row.name} | " + " | ".join(cells) + f" | {paper} | {official} | {row.target} | {len(runs)} | "
+        lines.append(f"| {row.name} | " + " | ".join(cells) + f" | {paper} | {official} | {row.target} | "
+                     f"{len(runs)} ({', '.join(str(run_seed(r)) for r in runs)}) | "
                      f"{epochs:.1f} | {minutes:.1f} |")
         popularity.setdefault(runs[0].get("dataset", ""), runs[0]["popularity_test"])
     for dataset, pop in popularity.items():
         label = "popularity" + (f" ({dataset})" if len(popularity) > 1 else "")
         lines.append(f"| {label} | " + " | ".join(f"{100 * pop[c]:.2f}" for c in cols) + " | | | | | | |")
     lines += ["", f"Command: `{command}` (per row: `configs/reproduce/{table.name}.yaml`; seeds {table.seeds}). "
-                  "Metrics in %, mean ± sample sd over training seeds (one seed: its value, no spread); full catalog, validation-selected, "
+                  "Metrics in %, mean ± sample sd over training seeds (the seeds column: how many, and which; one seed: its value, no spread); full catalog, validation-selected, "
                   "test once, ties by expected rank."]
     return "\n".join(lines)
 
@@ -153,12 +155,26 @@ def read_results(source, required: bool = False) -> dict[str, list[dict[str, Any
     return previous
 
 
-def kept_results(table: Table, ran: set[str], previous: dict[str, list[dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
-    """The previous results (``read_results``) of the table's rows without a result now (``ran``:
-    the rows that produced one; a row whose every seed failed keeps its old runs). Rows no
-    longer in the table are dropped."""
+def run_seed(metrics: dict[str, Any]) -> int:
+    """The training seed a run's ``metrics.json`` was trained with."""
+    return int(metrics.get("config", {}).get("train", {}).get("seed", 0))
+
+
+def kept_results(table: Table, ran: dict[str, set[int]], previous: dict[str, list[dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
+    """The previous results (``read_results``) to keep: every run of a table row whose seed has no
+    result now (``ran``: row -> the seeds that produced one now; a seed that failed now keeps its
+    earlier run). Rows no longer in the table are dropped."""
     names = {r.name for r in table.rows}
-    return {name: runs for name, runs in previous.items() if name in names and name not in ran and runs}
+    kept = {name: [m for m in runs if run_seed(m) not in ran.get(name, set())]
+            for name, runs in previous.items() if name in names}
+    return {name: runs for name, runs in kept.items() if runs}
+
+
+def merge_results(table: Table, now: dict[str, list[dict[str, Any]]],
+                  kept: dict[str, list[dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
+    """Per table row (in table order), the runs of now and the kept ones, ordered by seed."""
+    merged = {r.name: sorted([*now.get(r.name, []), *kept.get(r.name, [])], key=run_seed) for r in table.rows}
+    return {name: runs for name, runs in merged.items() if runs}
 
 
 def stale_runs(table: Table, kept: dict[str, list[dict[str, Any]]]) -> list[str]:
@@ -169,7 +185,7 @@ def stale_runs(table: Table, kept: dict[str, list[dict[str, Any]]]) -> list[str]
     lines = []
     for row in table.rows:
         for m in kept.get(row.name, []):
-            seed = int(m["config"]["train"]["seed"])
+            seed = run_seed(m)
             try:
                 now = load_config(REPO_ROOT / row.config, job_overrides(table, row, seed, [])).to_dict()
             except ConfigError as exc:  # the row's config is broken today: say so, keep the table
@@ -237,25 +253,25 @@ def run(args) -> int:
             m = json.loads(path.read_text())
             results.setdefault(row.name, []).append(m)
             curves.append((row.name, seed, [tuple(v) for v in m["validation"]]))
-    kept = kept_results(table, set(results), previous)
+    kept = kept_results(table, {name: {run_seed(m) for m in runs} for name, runs in results.items()}, previous)
     for name, runs in kept.items():
-        curves += [(name, int(m.get("config", {}).get("train", {}).get("seed", 0)), [tuple(v) for v in m["validation"]])
-                   for m in runs]
+        curves += [(name, run_seed(m), [tuple(v) for v in m["validation"]]) for m in runs]
     order = [r.name for r in table.rows]  # curves in table order, whichever ran now
     curves.sort(key=lambda c: (order.index(c[0]) if c[0] in order else len(order), c[1]))
-    results = {r.name: results.get(r.name) or kept[r.name] for r in table.rows if r.name in results or r.name in kept}
+    results = merge_results(table, results, kept)
     shown = [r for r in table.rows if r in rows or r.name in kept]
     text = summarize(Table(table.name, table.seeds, shown, table.columns), results, command_line(args))
     text += f" Wall time of this command: {(time.perf_counter() - t0) / 60:.1f} min (rows run: " \
             f"{', '.join(r.name for r in rows)}" + (f"; {reused} finished run(s) reused, not trained now: their "
                                                     "time is the table's train min" if reused else "") + ")."
-    failed_rows = [r.name for r in rows if r.name in kept]  # run now, no seed finished: its old runs shown
-    if failed_rows:
-        text += f" **Every seed failed now, earlier runs shown:** {', '.join(failed_rows)}."
+    if failed:
+        text += f" **{failed} run(s) failed now** (an earlier run of the same seed, if any, is shown)."
     if kept:
         shown_source = source.relative_to(REPO_ROOT) if source.is_relative_to(REPO_ROOT) else source
-        text += (f" Rows kept from {shown_source}: {', '.join(kept)} (their seeds and overrides as stored in each run's "
-                 "config, not this command's).")
+        text += (f" Runs kept from {shown_source}: "
+                 + ", ".join(f"{name} seed{'s' if len(runs) > 1 else ''} {', '.join(str(run_seed(m)) for m in runs)}"
+                             for name, runs in kept.items())
+                 + " (their overrides as stored in each run's config, not this command's).")
         stale = stale_runs(table, kept)
         if stale:
             text += " **Kept runs whose config differs from their row's today:** " + " | ".join(stale) + "."

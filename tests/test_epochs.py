@@ -114,7 +114,8 @@ def test_reproduce_table_aggregates_over_training_seeds() -> None:
 
     def run(hr10: float) -> dict:
         test = {"HR@10": hr10, "NDCG@10": hr10 / 2, "HR@20": hr10 * 2, "NDCG@20": hr10}
-        return {"test": test, "popularity_test": {k: 0.01 for k in test}, "epochs": 3.0, "train_seconds": 120.0}
+        return {"test": test, "popularity_test": {k: 0.01 for k in test}, "epochs": 3.0, "train_seconds": 120.0,
+                "config": {"train": {"seed": round(hr10 * 10) + 3}}}
 
     table = Table("t", [0, 1, 2], [Row("m", "configs/x.yaml", paper={"HR@10": 7.9})])
     text = summarize(table, {"m": [run(0.10), run(0.20), run(0.30)]}, "cmd")
@@ -122,6 +123,7 @@ def test_reproduce_table_aggregates_over_training_seeds() -> None:
     cells = [c.strip() for c in row.split("|")[2:6]]
     assert cells[0] == "20.00 ± 10.00"  # mean and sample sd of 10, 20, 30 %
     assert cells[1] == "10.00 ± 5.00"
+    assert row.split("|")[9].strip() == "3 (4, 5, 6)"  # how many seeds, and which
     assert "| popularity | 1.00 |" in text
     # one training seed has no spread: its value alone, never a "± 0.00" that reads as a measured one
     text = summarize(table, {"m": [run(0.10)]}, "cmd")
@@ -144,21 +146,29 @@ def test_reproduce_footer_command_reruns_the_same_selection() -> None:
         assert vars(again) == vars(args), command_line(args)
 
 
-def test_reproduce_keeps_the_rows_not_run_now(tmp_path) -> None:
-    # a table filled row by row: rows run now replace theirs, the others come from the previous
-    # results file, rows no longer in the table are dropped, a broken file is one error
+def test_reproduce_keeps_the_runs_not_run_now(tmp_path) -> None:
+    # a table filled row by row and seed by seed: a (row, seed) run now replaces its earlier run,
+    # a seed without a result now (not run, or failed) keeps it, rows no longer in the table are
+    # dropped, the merged rows list their runs by seed, a broken file is one error
     import json
 
-    from launcher.reproduce import Row, Table, kept_results, read_results
+    from launcher.reproduce import Row, Table, kept_results, merge_results, read_results
     from recsys_dist.config import ConfigError
+
+    def run(seed: int, tag: str) -> dict:
+        return {"config": {"train": {"seed": seed}}, "tag": tag}
 
     table = Table("t", [0], [Row(n, "configs/x.yaml") for n in ("a", "b", "c")])
     path = tmp_path / "t.json"
-    path.write_text(json.dumps({"a": [{"old": 1}], "b": [{"old": 2}], "gone": [{"old": 3}], "c": []}))
+    path.write_text(json.dumps({"a": [run(0, "a0"), run(2, "a2")], "b": [run(0, "b0")], "gone": [run(0, "g")], "c": []}))
     previous = read_results(path)
-    assert kept_results(table, {"a"}, previous) == {"b": [{"old": 2}]}
-    assert kept_results(table, set(), previous) == {"a": [{"old": 1}], "b": [{"old": 2}]}  # every seed failed
-    assert kept_results(table, {"a", "b", "c"}, previous) == {}
+    assert kept_results(table, {"a": {0, 2}}, previous) == {"b": [run(0, "b0")]}
+    assert kept_results(table, {}, previous) == {"a": [run(0, "a0"), run(2, "a2")], "b": [run(0, "b0")]}
+    assert kept_results(table, {"a": {0, 2}, "b": {0}, "c": {0}}, previous) == {}
+    kept = kept_results(table, {"a": {1, 2}}, previous)  # seeds 1 and 2 ran now: seed 0's earlier run stays
+    assert kept == {"a": [run(0, "a0")], "b": [run(0, "b0")]}
+    now = {"a": [run(2, "new2"), run(1, "new1")]}
+    assert merge_results(table, now, kept) == {"a": [run(0, "a0"), run(1, "new1"), run(2, "new2")], "b": [run(0, "b0")]}
     assert read_results(None) == {} and read_results(tmp_path / "missing.json") == {}
     with pytest.raises(ConfigError, match="missing.json"):  # an explicit --merge-from must exist
         read_results(tmp_path / "missing.json", required=True)
