@@ -74,7 +74,8 @@ def _context():
 
 
 def run_distributed(fn: Callable, world_size: int, *args: Any, timeout_s: float = 600) -> list[Any]:
-    """Call ``fn(*args)`` on ``world_size`` processes; return the per-rank results in rank order."""
+    """Call ``fn(*args)`` on ``world_size`` processes; return the per-rank results in rank order.
+    ``timeout_s`` bounds the whole run (every rank's report), not each report."""
     ctx = _context()
     queue = ctx.Queue()
     port = free_port()
@@ -84,9 +85,11 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout_s: float 
     results: dict[int, Any] = {}
     errors = []
     import queue as queue_mod
+    import time
+    deadline = time.monotonic() + timeout_s
     try:
         for _ in range(world_size):
-            rank, status, value = queue.get(timeout=timeout_s)
+            rank, status, value = queue.get(timeout=max(0.0, deadline - time.monotonic()))
             if status == "error":
                 errors.append(f"rank {rank} failed:\n{value}")
                 break

@@ -52,7 +52,7 @@ from recsys_dist.eval import (
 NUM_ROWS = 1003  # not divisible by 2 or 3
 NUM_USERS = 37
 HIST_LEN = 6
-WORKER_TIMEOUT_S = 75.0
+WORKER_TIMEOUT_S = 75.0  # the whole distributed run (every rank), as the old spawn loop had it
 
 # Per world size, per rank: sizes of the successive eval batches (sums to the case's users).
 SPLITS: dict[int, dict[int, list[list[int]]]] = {
