@@ -6,13 +6,16 @@
 - through ``train_step`` on 1 and 2 real gloo ranks, same global batch: at step 0 the loss
   equals a brute-force per-position F.cross_entropy over the whole table (padding excluded,
   the mean over the global batch's real positions) to 1e-6 relative, and, under plain SGD
-  (scale sensitive), the table update equals -lr * the brute-force gradient to 1e-6 and the
-  dense update to 1e-6 + 1e-4 * its size (float32, both sides); the per-step
+  (scale sensitive), the table update equals -lr * the brute-force gradient to 1e-6 + 1e-5 *
+  its largest entry and the dense update to 1e-6 + 1e-4 * its size (float32, both sides); the per-step
   losses and the table after STEPS steps agree between 1 and 2 ranks to 1e-5 (the tolerance
   of tests/test_sharded_training.py). The two ranks hold different numbers of real positions,
   so a per-rank mean (instead of the global one) would fail;
 - the sampled softmax runs under all positions and agrees between 1 and 2 ranks (1e-5);
-- a non-causal model given all_positions raises a ValueError naming it and train.objective.
+- a non-causal model given all_positions raises a ValueError naming it and train.objective;
+- SASRec scored by cosine (``model.similarity: cosine``, HSTU's recipe): the same checks against
+  a brute force over unit rows with unit queries over the temperature, and its queries have
+  norm 1 / temperature at every position.
 """
 
 import types
@@ -127,9 +130,10 @@ def _batches():
     return left_padded_batches(11, STEPS, GLOBAL_B, ROWS, L)
 
 
-def _reference(model, table0: torch.Tensor, hist: torch.Tensor, target: torch.Tensor):
+def _reference(model, table0: torch.Tensor, hist: torch.Tensor, target: torch.Tensor, cosine: bool = False):
     """Brute force on the global batch: mean over real positions of F.cross_entropy over every
-    item row; returns (loss, d loss / d table, {name: d loss / d dense param})."""
+    item row (cosine: over the unit rows; the model's queries are already unit / T); returns
+    (loss, d loss / d table, {name: d loss / d dense param})."""
     from recsys_dist.train.step import next_item_ids
 
     table = table0.clone().requires_grad_()
@@ -138,14 +142,18 @@ def _reference(model, table0: torch.Tensor, hist: torch.Tensor, target: torch.Te
     q = model.query_all(emb, mask, {}).reshape(-1, DIM)
     ids = next_item_ids(hist, target).reshape(-1)
     valid = mask.reshape(-1)
-    loss = F.cross_entropy(q[valid] @ table[1:].t(), ids[valid] - 1)  # padding never a candidate
+    keys = table[1:] / table[1:].norm(dim=-1, keepdim=True) if cosine else table[1:]
+    loss = F.cross_entropy(q[valid] @ keys.t(), ids[valid] - 1)  # padding never a candidate
     names, params = zip(*model.named_parameters())
     grads = torch.autograd.grad(loss, [table, *params], allow_unused=True)  # leaves .grad alone
     grads = [torch.zeros_like(p) if g is None else g for p, g in zip([table, *params], grads)]
     return loss.detach(), grads[0], dict(zip(names, grads[1:]))
 
 
-def _train(model_name: str):
+COSINE = dict(similarity="cosine", temperature=0.05)  # HSTU's SASRec recipe
+
+
+def _train(model_name: str, score: dict | None = None):
     from recsys_dist.config import JobConfig
     from recsys_dist.sparse import ShardedItemTable
     from recsys_dist.distributed import init_distributed, seed_everything
@@ -155,7 +163,7 @@ def _train(model_name: str):
     device = torch.device("cpu")
     rank, world = init_distributed(device)
     cfg = JobConfig()
-    cfg.model = small_model_config(model_name, dim=DIM, num_heads=2, dropout=0.0, emb_dropout=0.0)
+    cfg.model = small_model_config(model_name, dim=DIM, num_heads=2, dropout=0.0, emb_dropout=0.0, **(score or {}))
     cfg.sparse.init_block_rows = 64
     cfg.sparse.optimizer, cfg.sparse.lr = "sgd", TABLE_LR  # plain SGD: a wrong gradient scale shows
     cfg.train.optimizer, cfg.train.lr, cfg.train.grad_clip = "sgd", DENSE_LR, 0.0
@@ -170,7 +178,10 @@ def _train(model_name: str):
     out = {"initial": initial, "losses": []}
     for step, (hist, target) in enumerate(_batches()):
         if step == 0:
-            out["ref_loss"], ref_table_grad, ref_dense_grad = _reference(engine.module, initial, hist, target)
+            out["ref_loss"], ref_table_grad, ref_dense_grad = _reference(engine.module, initial, hist, target,
+                                                                         cosine=bool(score))
+            q = engine.module.query_all(table.full_table()[hist] * (hist > 0)[..., None], hist > 0, {})
+            out["query_norms"] = q.detach().norm(dim=-1)[hist > 0]
         loss = train_step(engine, table, hist[rank * b:(rank + 1) * b], target[rank * b:(rank + 1) * b],
                           step, seed=0, objective="all_positions")
         out["losses"].append(loss.item())
@@ -199,20 +210,25 @@ def _check_against_reference(run):
     assert abs(run["losses"][0] - ref) <= 1e-6 * ref  # float32: ~2 ulps apart at ~5.7 (1 ulp = 4.8e-7)
     moved = abs(run["ref_table_update"]).max()
     assert moved > 1e-4, "the table did not train"
-    assert abs(run["table_update"] - run["ref_table_update"]).max() < 1e-6
+    # float32 on both sides; relative to the largest update (cosine's 1 / T = 20 scales the logits)
+    assert abs(run["table_update"] - run["ref_table_update"]).max() < 1e-6 + 1e-5 * moved
     assert (run["table_update"][0] == 0).all(), "padding row must never be updated"
     for k, ref in run["ref_dense_update"].items():
         got = run["dense_update"][k]
         assert abs(got - ref).max() <= 1e-6 + 1e-4 * abs(ref).max(), k
 
 
-@pytest.mark.parametrize("model_name", CAUSAL)
-def test_two_ranks_match_one_rank_and_brute_force(model_name):
+@pytest.mark.parametrize("model_name,score", [("sasrec", None), ("gru4rec", None), ("sasrec", COSINE)],
+                         ids=["sasrec", "gru4rec", "sasrec-cosine"])
+def test_two_ranks_match_one_rank_and_brute_force(model_name, score):
     hist = _batches()[0][0]
     half = GLOBAL_B // 2
     assert (hist[:half] > 0).sum() != (hist[half:] > 0).sum(), "ranks must hold unequal position counts"
-    one = run_distributed(_train, 1, model_name)[0]
-    two = run_distributed(_train, 2, model_name)
+    one = run_distributed(_train, 1, model_name, score)[0]
+    two = run_distributed(_train, 2, model_name, score)
+    if score:
+        norms = torch.as_tensor(one["query_norms"])
+        assert torch.allclose(norms, torch.full_like(norms, 1 / COSINE["temperature"]), rtol=1e-5, atol=0)
     _check_against_reference(one)
     for r in range(2):
         _check_against_reference(two[r])

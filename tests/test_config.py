@@ -203,7 +203,7 @@ def test_a_flat_section_keeps_diffurec_on_the_sampler_it_ran_with():
 
 def test_each_model_stores_only_its_own_fields():
     sasrec = load_config(None, ["model.name=sasrec"]).to_dict()["model"]
-    assert set(sasrec) == {"name", "dim", "num_blocks", "num_heads", "dropout", "emb_dropout"}
+    assert set(sasrec) == {"name", "dim", "num_blocks", "num_heads", "dropout", "emb_dropout", "similarity", "temperature"}
     with pytest.raises(ConfigError, match=r"unknown config field 'model\.num_interests'"):
         load_config(None, ["model.name=sasrec", "model.num_interests=2"])
     with pytest.raises(ConfigError, match=r"'model\.name': unknown model 'nope'"):

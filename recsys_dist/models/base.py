@@ -11,7 +11,9 @@ real items, ``target`` (B, d) target embeddings.
   generative models (DreamRec, AREAL) return their own reconstruction loss instead, and
   DimeRec combines both.
 - ``infer(hist, mask, noise)`` returns the query (B, d) whose inner product with every item
-  row is that item's score at evaluation.
+  key is that item's score at evaluation. An item's key is its table row passed through
+  ``item_keys`` (the row itself, except for models scored by cosine: ``similarity.py``); the
+  trainer's scorer applies the same ``item_keys`` to the rows it scores.
 - Causal models (SASRec, GRU4Rec) may also train on every position at once
   (``train.objective: all_positions``, the SASRec/HSTU recipe): they set
   ``supports_all_positions = True`` and implement ``query_all(hist, mask, noise)`` -> (B, L, d),
@@ -109,3 +111,8 @@ class SequenceRecommender(nn.Module):
     def infer(self, hist: torch.Tensor, mask: torch.Tensor, noise: dict[str, torch.Tensor]) -> torch.Tensor:
         """Inference query (B, d) from the history alone."""
         raise NotImplementedError
+
+    def item_keys(self, rows: torch.Tensor) -> torch.Tensor:
+        """The vectors (n, d) a query is scored against, from item table rows (n, d): the rows
+        themselves (no copy) unless the model scores by cosine (``similarity.py``)."""
+        return rows

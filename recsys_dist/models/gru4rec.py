@@ -1,7 +1,8 @@
 """GRU4Rec (Hidasi et al., 2016) as a next-item baseline: a GRU over the history, its final
 state is the query; trained with the harness's softmax CE, on the last position
 (``train.objective: last``) or on every step of the history at once (``all_positions``: the
-GRU output after item i, through ``out``, predicts item i+1)."""
+GRU output after item i, through ``out``, predicts item i+1). The score: the dot product, or
+HSTU's cosine over a temperature (``model.similarity``, ``similarity.py``)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from recsys_dist.models.base import ModelConfig, SequenceRecommender
+from recsys_dist.models.similarity import Similarity, SimilarityFields
 
 
 def left_to_right_padded(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -25,8 +27,10 @@ def left_to_right_padded(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Ten
 class GRU4Rec(SequenceRecommender):
     supports_all_positions = True  # a recurrence: the output after item i depends on items <= i only
 
-    def __init__(self, dim: int, num_layers: int, dropout: float, emb_dropout: float) -> None:
+    def __init__(self, dim: int, num_layers: int, dropout: float, emb_dropout: float,
+                 similarity: Similarity | None = None) -> None:
         super().__init__()
+        self.similarity = similarity or Similarity()
         self.drop = nn.Dropout(emb_dropout)
         self.gru = nn.GRU(dim, dim, num_layers=num_layers, batch_first=True,
                           dropout=dropout if num_layers > 1 else 0.0)
@@ -45,7 +49,10 @@ class GRU4Rec(SequenceRecommender):
 
     def infer(self, hist, mask, noise):
         _, h_n, _ = self._run(hist, mask)
-        return self.out(h_n[-1])
+        return self.similarity.query(self.out(h_n[-1]))
+
+    def item_keys(self, rows):
+        return self.similarity.keys(rows)
 
     def query_all(self, hist, mask, noise):
         """(B, L, d): the output after each step, back at its left-padded position (row L-1 is
@@ -55,11 +62,11 @@ class GRU4Rec(SequenceRecommender):
         out, _ = pad_packed_sequence(out, batch_first=True, total_length=L)  # (B, L, d), real steps first
         # inverse of left_to_right_padded: left position i holds step (i + len) mod L
         idx = (torch.arange(L, device=out.device)[None, :] + lengths.to(out.device)[:, None]) % L
-        return self.out(out.gather(1, idx[..., None].expand(-1, -1, out.shape[-1])))
+        return self.similarity.query(self.out(out.gather(1, idx[..., None].expand(-1, -1, out.shape[-1]))))
 
 
 @dataclass
-class GRU4RecConfig(ModelConfig):
+class GRU4RecConfig(SimilarityFields, ModelConfig):
     """``model.name: gru4rec``: a GRU over the history; the last state is the query."""
 
     name: str = "gru4rec"
@@ -68,4 +75,5 @@ class GRU4RecConfig(ModelConfig):
     emb_dropout: float = 0.3  # on item embeddings
 
     def build(self, max_len: int) -> GRU4Rec:
-        return GRU4Rec(self.dim, self.num_layers, self.dropout, self.emb_dropout)
+        return GRU4Rec(self.dim, self.num_layers, self.dropout, self.emb_dropout,
+                       Similarity(self.similarity, self.temperature))

@@ -4,7 +4,9 @@ loss and harness as DiffuRec: on the last position only (``train.objective: last
 (prefix, target) sample at a time) or, as in the paper, on every position of the history in
 one forward pass (``all_positions``: the causal encoder's output at position i predicts item
 i+1). The paper's loss is a binary CE against one sampled negative per position; the harness
-uses its softmax CE (full catalog or sampled) instead."""
+uses its softmax CE (full catalog or sampled) instead. The score is the dot product (the
+paper's) or, with ``model.similarity: cosine``, HSTU's cosine over a temperature
+(``similarity.py``)."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import torch
 from torch import nn
 
 from recsys_dist.models.base import EncoderFields, ModelConfig, SequenceRecommender
+from recsys_dist.models.similarity import Similarity, SimilarityFields
 from recsys_dist.models.transformer import TransformerEncoder
 
 
@@ -23,9 +26,10 @@ class SASRec(SequenceRecommender):
     supports_all_positions = True  # causal attention: position i sees items <= i only
 
     def __init__(self, dim: int, max_len: int, num_blocks: int, num_heads: int,
-                 dropout: float, emb_dropout: float) -> None:
+                 dropout: float, emb_dropout: float, similarity: Similarity | None = None) -> None:
         super().__init__()
         self.dim = dim
+        self.similarity = similarity or Similarity()
         self.pos = nn.Embedding(max_len, dim)  # position L-1 = most recent item
         nn.init.normal_(self.pos.weight, std=0.02)
         self.drop = nn.Dropout(emb_dropout)
@@ -39,20 +43,24 @@ class SASRec(SequenceRecommender):
         return self.encoder(x, mask, last_only)
 
     def query(self, hist, mask, target, noise):
-        return self._encode(hist, mask, last_only=True)[:, -1]
+        return self.infer(hist, mask, noise)
 
     def query_all(self, hist, mask, noise):
-        return self._encode(hist, mask)
+        return self.similarity.query(self._encode(hist, mask))
 
     def infer(self, hist, mask, noise):
-        return self._encode(hist, mask, last_only=True)[:, -1]
+        return self.similarity.query(self._encode(hist, mask, last_only=True)[:, -1])
+
+    def item_keys(self, rows):
+        return self.similarity.keys(rows)
 
 
 @dataclass
-class SASRecConfig(EncoderFields, ModelConfig):
+class SASRecConfig(SimilarityFields, EncoderFields, ModelConfig):
     """``model.name: sasrec``: a causal Transformer; the last position is the query."""
 
     name: str = "sasrec"
 
     def build(self, max_len: int) -> SASRec:
-        return SASRec(self.dim, max_len, self.num_blocks, self.num_heads, self.dropout, self.emb_dropout)
+        return SASRec(self.dim, max_len, self.num_blocks, self.num_heads, self.dropout, self.emb_dropout,
+                      Similarity(self.similarity, self.temperature))

@@ -148,12 +148,13 @@ def train_step(engine, table: ShardedItemTable, history: torch.Tensor, target: t
 
     def scorer(query: torch.Tensor) -> torch.Tensor:
         """Catalog loss of this rank's targets for queries (B, d): their mean; under all
-        positions queries (B, L, d): this rank's share of the global mean over real positions."""
+        positions queries (B, L, d): this rank's share of the global mean over real positions.
+        Queries score the rows' ``item_keys`` (the rows, or unit rows for cosine models)."""
         query = query.float()
         if all_positions:
             query = query.reshape(B * L, query.shape[-1])[rows]
-        target_logits = (query * target_emb.float()).sum(-1)
-        return catalog_loss(query, target_logits, target_ids, cands, block, weights=weights)
+        target_logits = (query * model.item_keys(target_emb.float())).sum(-1)
+        return catalog_loss(query, target_logits, target_ids, cands, model.item_keys(block), weights=weights)
 
     dtype = next(model.parameters()).dtype  # bf16 under DeepSpeed on GPU
     kwargs = {"all_positions": True} if all_positions else {}

@@ -69,7 +69,8 @@ def evaluate_model(model, table: ShardedItemTable, batches: Iterable[dict], cfg:
     was_training = model.training
     model.eval()
     lo, hi = table.score_block()
-    block = table.score_rows(chunk=cfg.item_chunk if cfg.item_chunk > 0 else 1 << 20)  # a view: no copy
+    # the rows' keys: a view of the table (no copy), or a unit-row copy for cosine models
+    block = model.item_keys(table.score_rows(chunk=cfg.item_chunk if cfg.item_chunk > 0 else 1 << 20))
     acc = MetricAccumulator(cfg.ks, cfg.ties)
     for batch in in_lockstep(batches):
         batch = batch if batch is not None else _empty_batch(max_len)
