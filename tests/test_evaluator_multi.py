@@ -32,7 +32,6 @@ import pytest
 import torch
 import torch.distributed as dist
 from distributed_harness import run_distributed
-from test_evaluator import WORKER_TIMEOUT_S
 
 from recsys_dist.distributed import max_over_ranks, row_partition
 from recsys_dist.eval import (
@@ -49,6 +48,7 @@ T_COLS = 7
 M_COLS = 12
 KS = (1, 3, 5, 10)
 ZERO_TARGET_USERS = (0, 5, 17, 33)
+WORKER_TIMEOUT_S = 75.0  # the whole distributed run (every rank), as in tests/test_evaluator.py
 
 # Per world size, per rank: sizes of the successive eval batches (sum to NUM_USERS).
 SPLITS: dict[int, list[list[int]]] = {
