@@ -300,10 +300,24 @@ def write_report(result: dict, out: Path) -> str:
     return text
 
 
-def write_seed_summary(out: Path, patience: int) -> str:
+def zhihu_popularity(results: Path = REPO / "docs" / "results" / "zhihu.json") -> dict | None:
+    """The popularity ranker's test metrics (fractions) on ours' Zhihu test split, as the
+    ``reproduce zhihu`` table measured them (its runs' ``popularity_test``); None without it."""
+    if not results.exists():
+        return None
+    for runs in json.loads(results.read_text()).values():
+        for run in runs:
+            if run.get("popularity_test"):
+                return run["popularity_test"]
+    return None
+
+
+def write_seed_summary(out: Path, patience: int, popularity: dict | None = None) -> str:
     """Mean and sample sd over the training seeds already run with ``--patience P`` (every
     ``dreamrec_official_curve[-seed<N>]-patience<P>.json`` in ``out``), each side at its own
-    val-selected epoch; written to ``dreamrec_official_curve-patience<P>-seeds.md``."""
+    val-selected epoch; written to ``dreamrec_official_curve-patience<P>-seeds.md``.
+    popularity: the popularity ranker's test metrics (fractions, :func:`zhihu_popularity`),
+    quoted in the header when given."""
     import statistics
 
     from launcher.reproduce import mean_sd
@@ -336,8 +350,9 @@ def write_seed_summary(out: Path, patience: int) -> str:
     lines = [f"DreamRec on Zhihu to the official stopping point (patience {patience} evaluations), every training "
              "seed run so far: test HR@20 / NDCG@20 (%) at each run's val-selected epoch; mean and sample sd over "
              f"seeds. Written by `PYTHONPATH=. python benchmarks/dreamrec_official_curve.py --summary --patience {patience}` "
-             "from the json of each run (random HR@20 "
-             f"{RANDOM_HR20:.2f}, popularity 1.43 / 0.54).", "",
+             f"from the json of each run (random HR@20 {RANDOM_HR20:.2f}"
+             + (f"; popularity {100 * popularity['HR@20']:.2f} / {100 * popularity['NDCG@20']:.2f} on ours' "
+                "test split, from docs/results/zhihu.json" if popularity else "") + ").", "",
              "| side | seed | epochs trained | selected epoch | test HR@20 | test NDCG@20 | training s | ran | from |",
              "|---|---:|---:|---:|---:|---:|---:|---|---|"]
     for r in sorted(runs, key=lambda r: (r["side"], r["order"])):
@@ -395,7 +410,7 @@ def main() -> None:
     if args.summary:
         if args.patience < 1:
             parser.error("--summary needs --patience P (the runs to the stopping point)")
-        print(write_seed_summary(Path(args.out), args.patience))
+        print(write_seed_summary(Path(args.out), args.patience, zhihu_popularity()))
         return
     if args.epochs < 1 or args.eval_every < 1 or args.patience < 0:
         parser.error("--epochs and --eval-every must be >= 1, --patience >= 0")

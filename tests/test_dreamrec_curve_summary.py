@@ -64,3 +64,17 @@ def test_summary_is_the_mean_and_sample_sd_over_seeds(tmp_path):
         assert abs(float(cells[4]) - trained[row, :n].mean()) <= 0.5
         assert abs(float(cells[5]) - 7.0 * trained[row, :n].mean()) <= 0.5
     assert all(c[1] != "3" for c in per_run)  # the patience-15 run is not in the patience-5 summary
+
+
+def test_the_header_quotes_popularity_from_the_zhihu_table(tmp_path):
+    from dreamrec_official_curve import result_stem, write_seed_summary, zhihu_popularity
+
+    result = {"patience": 5, "seed": None, "official": _side(0.01, 0.005, 30, 80, True, True, 2025)}
+    (tmp_path / f"{result_stem(None, 5)}.json").write_text(json.dumps(result))
+    assert "popularity" not in write_seed_summary(tmp_path, 5).splitlines()[0]
+    table = tmp_path / "zhihu.json"
+    assert zhihu_popularity(table) is None
+    table.write_text(json.dumps({"sasrec": [{"seed": 0}, {"popularity_test": {"HR@20": 0.012345, "NDCG@20": 0.00678}}]}))
+    popularity = zhihu_popularity(table)
+    assert popularity == {"HR@20": 0.012345, "NDCG@20": 0.00678}
+    assert "popularity 1.23 / 0.68 on ours' test split" in write_seed_summary(tmp_path, 5, popularity).splitlines()[0]
