@@ -13,7 +13,7 @@
   so a per-rank mean (instead of the global one) would fail;
 - the sampled softmax runs under all positions and agrees between 1 and 2 ranks (1e-5);
 - a non-causal model given all_positions raises a ValueError naming it and train.objective;
-- SASRec scored by cosine (``model.similarity: cosine``, HSTU's recipe): the same checks against
+- SASRec and GRU4Rec scored by cosine (``model.similarity: cosine``): the same checks against
   a brute force over unit rows with unit queries over the temperature, and its queries have
   norm 1 / temperature at every position.
 """
@@ -218,8 +218,9 @@ def _check_against_reference(run):
         assert abs(got - ref).max() <= 1e-6 + 1e-4 * abs(ref).max(), k
 
 
-@pytest.mark.parametrize("model_name,score", [("sasrec", None), ("gru4rec", None), ("sasrec", COSINE)],
-                         ids=["sasrec", "gru4rec", "sasrec-cosine"])
+@pytest.mark.parametrize("model_name,score", [("sasrec", None), ("gru4rec", None), ("sasrec", COSINE),
+                                              ("gru4rec", COSINE)],
+                         ids=["sasrec", "gru4rec", "sasrec-cosine", "gru4rec-cosine"])
 def test_two_ranks_match_one_rank_and_brute_force(model_name, score):
     hist = _batches()[0][0]
     half = GLOBAL_B // 2

@@ -1,7 +1,8 @@
 """The score of a query against an item row (recsys_dist/models/similarity.py).
 
 - ``dot`` is the identity on both sides (the very tensor, no copy); ``cosine`` gives unit keys
-  and queries of norm 1 / temperature; invalid settings raise naming the config key;
+  and queries of norm 1 / temperature, in float32, from every query method of SASRec and
+  GRU4Rec; invalid settings raise naming the config key;
 - the evaluator ranks a cosine model by cosine: on 2 real gloo ranks, a SASRec with
   ``similarity: cosine`` over a table whose row norms vary 100-fold gets exactly the HR / NDCG
   of a brute-force ranking by cosine over every item row, and not those of a ranking by the
@@ -35,6 +36,21 @@ def test_dot_is_the_identity_and_cosine_is_unit_over_temperature():
     assert torch.allclose(cos.query(x).norm(dim=-1), torch.full((7,), 20.0), atol=0, rtol=1e-6)
     assert torch.allclose(cos.query(x) @ cos.keys(x).T,
                           F.cosine_similarity(x[:, None], x[None], dim=-1) / 0.05, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["sasrec", "gru4rec"])
+def test_every_query_of_a_cosine_model_has_norm_one_over_temperature(name):
+    torch.manual_seed(0)
+    model = build_model(small_model_config(name, dim=DIM, num_heads=2, dropout=0.0, emb_dropout=0.0,
+                                           similarity="cosine", temperature=0.05), L).eval()
+    g = torch.Generator().manual_seed(1)
+    mask = torch.arange(L)[None] >= torch.tensor([0, 3, L - 1])[:, None]
+    hist = torch.randn(3, L, DIM, generator=g) * 5 * mask[..., None]
+    twenty = torch.full((3,), 20.0)
+    for q in (model.infer(hist, mask, {}), model.query(hist, mask, None, {}), model.query_all(hist, mask, {})[:, -1]):
+        assert q.dtype == torch.float32 and torch.allclose(q.norm(dim=-1), twenty, rtol=1e-5, atol=0)
+    rows = torch.randn(9, DIM, generator=g).bfloat16()
+    assert model.item_keys(rows).dtype == torch.float32
 
 
 @pytest.mark.parametrize("kind,temperature,match", [("angle", 1.0, "model.similarity"),

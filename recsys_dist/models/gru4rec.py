@@ -2,7 +2,7 @@
 state is the query; trained with the harness's softmax CE, on the last position
 (``train.objective: last``) or on every step of the history at once (``all_positions``: the
 GRU output after item i, through ``out``, predicts item i+1). The score: the dot product, or
-HSTU's cosine over a temperature (``model.similarity``, ``similarity.py``)."""
+a cosine over a temperature (``model.similarity``, ``similarity.py``)."""
 
 from __future__ import annotations
 
