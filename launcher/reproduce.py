@@ -224,6 +224,8 @@ def run(args) -> int:
     for row in rows:  # every config loads before anything trains
         for seed in table.seeds:
             load_config(REPO_ROOT / row.config, job_overrides(table, row, seed, args.overrides))
+    # read now, not after the runs: a config edited while they train must not stop the table's writing
+    metric = load_config(REPO_ROOT / rows[0].config, rows[0].overrides).eval.select_metric
     out = REPO_ROOT / "runs" / "reproduce"
     source = None if args.no_merge else Path(args.merge_from) if args.merge_from else out / f"{table.name}.json"
     previous = read_results(source, required=bool(args.merge_from) and not args.no_merge)
@@ -278,7 +280,6 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{table.name}.md").write_text(text + "\n")
     (out / f"{table.name}.json").write_text(json.dumps(results, indent=1, default=str))
-    metric = load_config(REPO_ROOT / rows[0].config, rows[0].overrides).eval.select_metric
     plot_learning_curves(curves, out / f"{table.name}_curves.png", metric)
     print("\n" + text)
     return 1 if failed else 0

@@ -239,3 +239,39 @@ def test_learning_curves_of_a_table_one_colour_per_row_one_style_per_seed(tmp_pa
     assert (tmp_path / "t_curves.png").stat().st_size > 0
     (c0, s0), (c1, s1), (c2, s2) = captured["lines"]  # the empty run draws nothing
     assert c0 == c1 != c2 and s0 == s2 != s1
+
+
+def test_reproduce_writes_its_table_when_a_config_breaks_while_the_runs_train(tmp_path, monkeypatch) -> None:
+    # a row's YAML edited while its runs train (a field this process's code does not know) must
+    # not stop the table, its json and its curves being written from the finished runs
+    import argparse
+    import json
+
+    import launcher.commands
+    import launcher.reproduce as rp
+    from recsys_dist.config import ConfigError, load_config
+
+    config = str(REPO_ROOT / "configs/ml1m_sasrec-allpos.yaml")
+    row = rp.Row(name="a", config=config, overrides=[f"output_dir={tmp_path / 'runs'}"])
+    monkeypatch.setattr(rp.Table, "load", classmethod(lambda cls, name: rp.Table(name, [0], [row])))
+    monkeypatch.setattr(rp, "REPO_ROOT", tmp_path)
+    finished = json.loads((REPO_ROOT / "docs/results/ml1m.json").read_text())["sasrec-allpos"][0]
+
+    def broken(*args, **kwargs):
+        raise ConfigError(f"{config}: unknown config field 'model.new_field'")
+
+    def run_job(path, overrides, nproc):  # the run finishes, then its YAML no longer loads here
+        cfg = load_config(path, overrides)
+        cfg.run_dir().mkdir(parents=True)
+        (cfg.run_dir() / "metrics.json").write_text(json.dumps({**finished, "config": cfg.to_dict()}))
+        monkeypatch.setattr(rp, "load_config", broken)
+        return 0
+
+    monkeypatch.setattr(launcher.commands, "run_job", run_job)
+    args = argparse.Namespace(table="t", rows=None, seeds=None, nproc_per_node=2, reuse=False, merge_from=None,
+                              no_merge=True, overrides=[])
+    assert rp.run(args) == 0
+    out = tmp_path / "runs" / "reproduce"
+    assert "| a | 22.67 | 11.20 |" in (out / "t.md").read_text()
+    assert json.loads((out / "t.json").read_text())["a"][0]["test"] == finished["test"]
+    assert (out / "t_curves.png").stat().st_size > 0
