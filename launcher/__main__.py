@@ -17,6 +17,7 @@ import sys
 from launcher import commands
 from launcher import plan as plan_cli  # light: torchrec is imported only when planning
 from launcher import reproduce as reproduce_cli
+from launcher import retest as retest_cli
 from recsys_dist.config import ConfigError
 
 
@@ -87,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description=reproduce_cli.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     reproduce_cli.add_arguments(p)
     p.set_defaults(func=reproduce_cli.run)
+
+    p = sub.add_parser("retest", help="test a finished run's selected state again under other eval.* settings",
+                       description=retest_cli.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    retest_cli.add_arguments(p)
+    p.set_defaults(func=retest_cli.run)
 
     p = sub.add_parser("plan", help="capacity planner: shard the item table on N simulated GPUs",
                        description=plan_cli.DESCRIPTION,

@@ -117,6 +117,20 @@ def _sha256(fs: Any, path: str) -> str:
     return h.hexdigest()
 
 
+def complete_steps(url: str) -> list[int]:
+    """Steps of the complete checkpoints under ``url`` (those with a ``checkpoint.json``),
+    ascending; [] when there is none. Any process may call it (no collective)."""
+    fs, root = _fs(url)
+    if not fs.exists(root):
+        return []
+    steps = []
+    for entry in fs.ls(root, detail=False):
+        name = posixpath.basename(entry.rstrip("/"))
+        if name.startswith("step-") and fs.exists(posixpath.join(entry, MARKER)):
+            steps.append(int(name[5:]))
+    return sorted(steps)
+
+
 def step_name(step: int) -> str:
     return f"step-{step:08d}"
 
@@ -202,14 +216,7 @@ class CheckpointManager:
 
     # ---- discovery -----------------------------------------------------------------
     def _complete_steps(self) -> list[int]:
-        if not self.fs.exists(self.root):
-            return []
-        steps = []
-        for entry in self.fs.ls(self.root, detail=False):
-            name = posixpath.basename(entry.rstrip("/"))
-            if name.startswith("step-") and self.fs.exists(posixpath.join(entry, MARKER)):
-                steps.append(int(name[5:]))
-        return sorted(steps)
+        return complete_steps(self.url)
 
     def latest(self) -> str | None:
         """URL of the newest complete checkpoint (rank 0 looks, every rank gets the answer)."""

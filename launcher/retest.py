@@ -1,0 +1,99 @@
+"""``python -m launcher retest RUN_DIR eval.key=value ...``: test a finished run's selected state
+again under other evaluation settings, training nothing.
+
+What it is for: a number to put beside a paper's, when the paper's protocol differs from the
+run's in evaluation only. Example: HSTU's repo removes each user's seen items from the
+candidates (its ``eval.py``, ``filter_invalid_ids=True``); our default ranks them.
+``retest runs/repro-ml1m-sasrec-allpos-s0 eval.mask_history=true`` gives the same state's test
+under that candidate set::
+
+    python -m launcher retest runs/repro-ml1m-sasrec-allpos-s0 eval.mask_history=true
+    # -> runs/repro-ml1m-sasrec-allpos-s0-retest/metrics.json (+ retest.json)
+
+How: the run's stored config (its ``metrics.json``) plus the ``eval.*`` overrides becomes a job
+named ``--name`` (default ``<run>-retest``) that resumes from the run's own checkpoints. The
+job resumes at the run's last step, where training is done, so it trains nothing and writes
+no checkpoint. It restores the state the run selected on validation and tests it. The run's
+directory is not written to.
+
+Guarantees, checked before anything launches (one-line errors):
+- The run finished: its ``metrics.json`` exists.
+- Its newest complete checkpoint is the step it finished at. Otherwise the job would train on,
+  and write there.
+- Only ``eval.*`` changes, so the tested state is the run's own.
+
+The selection stays the run's. The retest's ``metrics.json`` keeps the run's validation history,
+measured under the run's own protocol, and ``retest.json`` says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import yaml
+
+from recsys_dist.config import ConfigError, config_from_dict, parse_overrides
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="a finished run's directory, e.g. runs/repro-ml1m-sasrec-allpos-s0")
+    p.add_argument("overrides", nargs="*", metavar="eval.key=value",
+                   help="evaluation settings to test under, e.g. eval.mask_history=true (eval.* only)")
+    p.add_argument("--name", default=None, help="the retest's run name (default <run>-retest)")
+    p.add_argument("--nproc-per-node", type=int, default=None,
+                   help="ranks (default: the run's world size)")
+
+
+def retest_job(run: Path, overrides: list[str], name: str | None) -> tuple[dict, dict]:
+    """(the retest's config dict, what retest.json records) for a finished run; ConfigError when
+    it is not one or an override is not an eval setting."""
+    from recsys_dist.train.checkpoint import complete_steps
+
+    bad = [o for o in overrides if not o.split("=", 1)[0].startswith("eval.")]
+    if bad:
+        raise ConfigError(f"retest changes the evaluation only (eval.*): {' '.join(bad)}")
+    metrics_path = run / "metrics.json"
+    if not metrics_path.is_file():
+        raise ConfigError(f"{run}: no metrics.json: retest takes a finished run (it trains nothing)")
+    metrics = json.loads(metrics_path.read_text())
+    stored = config_from_dict(metrics["config"])
+    if not stored.checkpoint.enabled:
+        raise ConfigError(f"{run}: trained with checkpoint.enabled=false: no state to retest")
+    ckpt_url = stored.checkpoint.url or str((run / "checkpoints").resolve())
+    steps = complete_steps(ckpt_url)
+    if not steps or steps[-1] != metrics["steps"]:
+        raise ConfigError(f"{run}: its newest complete checkpoint under {ckpt_url} is "
+                          f"{steps[-1] if steps else 'none'}, not the step it finished at ({metrics['steps']}): "
+                          "resuming would train (retest needs the run's last checkpoint)")
+    name = name or f"{run.name}-retest"
+    if Path(stored.output_dir) / name == Path(stored.output_dir) / stored.name:
+        raise ConfigError(f"--name {name} is the run's own name: a retest writes its own run directory")
+    cfg = stored.to_dict()
+    cfg.update(name=name, checkpoint={**cfg["checkpoint"], "url": ckpt_url, "resume": True})
+    cfg["eval"].update(parse_overrides(overrides).get("eval", {}))
+    config_from_dict(cfg)  # type-check the overrides now (one-line ConfigError)
+    record = {"retest_of": str(run), "checkpoint": ckpt_url, "step": metrics["steps"],
+              "overrides": list(overrides), "selected_step": metrics.get("selected_step"),
+              "note": "the selected state and the validation history are the run's, under its own "
+                      "eval settings; only the test is recomputed under the overrides"}
+    return cfg, record
+
+
+def run(args) -> int:
+    """Write the retest's config and record under runs/<name>/, then launch it as ``train``."""
+    from launcher import commands
+
+    cfg, record = retest_job(Path(args.run), list(args.overrides), args.name)
+    out = Path(cfg["output_dir"]) / cfg["name"]
+    out.mkdir(parents=True, exist_ok=True)
+    config_path = out / "retest-config.yaml"
+    config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    (out / "retest.json").write_text(json.dumps(record, indent=1) + "\n")
+    world = json.loads((Path(args.run) / "metrics.json").read_text()).get("world_size", 2)
+    train_args = argparse.Namespace(config=str(config_path), overrides=[], launcher="torchrun",
+                                    nproc_per_node=args.nproc_per_node or world, nnodes="1", node_rank=None,
+                                    rdzv_endpoint=None, rdzv_id="recsys-dist", max_restarts=0, hostfile=None,
+                                    no_ssh=False, master_addr=None, master_port=None)
+    return commands.train(train_args)

@@ -1,0 +1,106 @@
+"""``python -m launcher retest``: a finished run's selected state tested again under other eval
+settings, training nothing and writing nothing into the run.
+
+Real 2-rank torchrun jobs on synthetic shards. A trains and tests with the default candidates;
+B = ``retest A eval.mask_history=true``; C trains the same seed with ``eval.mask_history=true``
+from the start. Each run validates once, at its end, so A and C select the same (last) state.
+Training on CPU is bitwise deterministic (tests/test_resume.py), so B's test must equal C's
+exactly. It must also differ from A's, which shows the override reached the evaluator. A's
+checkpoint files must be unchanged: same names, sizes and modification times.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from distributed_harness import synth_shards as write_synth_shards
+from launcher.retest import retest_job
+from recsys_dist.config import REPO_ROOT, ConfigError
+
+STEPS = 30
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return write_synth_shards(tmp_path_factory.mktemp("synth") / "shards", 300, 200, 40, 10)
+
+
+def _env() -> dict:
+    return dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
+
+
+def _launch(args: list[str]) -> None:
+    proc = subprocess.run([sys.executable, "-m", "launcher", *args], cwd=REPO_ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _train(out: Path, shards: Path, name: str, *extra: str) -> Path:
+    _launch(["train", "--config", "configs/models/sasrec.yaml", "--nproc-per-node", "2", f"name={name}",
+             f"output_dir={out}", "data.dataset=synthetic", f"data.shards_url={shards}",
+             "data.build_if_missing=false", "data.max_len=10", "model.dim=16", "model.num_blocks=1",
+             "train.batch_size=16", f"train.max_steps={STEPS}", "train.eval_every=0", "eval.batch_size=64",
+             "eval.test_seeds=1", *extra])
+    return out / name
+
+
+def _files(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished(shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    return out, _train(out, shards, "a")
+
+
+def test_retest_equals_a_run_evaluated_that_way_from_the_start(finished, shards):
+    out, run_a = finished
+    before = _files(run_a / "checkpoints")
+    _launch(["retest", str(run_a), "eval.mask_history=true", "--name", "b"])
+    run_c = _train(out, shards, "c", "eval.mask_history=true")
+
+    a, b, c = (json.loads((out / n / "metrics.json").read_text()) for n in ("a", "b", "c"))
+    assert _files(run_a / "checkpoints") == before, "the retest wrote into the run's checkpoints"
+    assert not (out / "b" / "checkpoints").exists(), "the retest saved a checkpoint of its own"
+    assert b["steps"] == a["steps"] == STEPS and b["selected_step"] == a["selected_step"] == c["selected_step"]
+    assert b["protocol"]["mask_history"] is True and a["protocol"]["mask_history"] is False
+    metrics = lambda run: {k: v for k, v in run["test"].items() if k != "seconds"}  # noqa: E731
+    assert metrics(b) == metrics(c), (b["test"], c["test"])
+    assert metrics(b) != metrics(a), "masking the seen items changed no metric: the override did not apply"
+    record = json.loads((out / "b" / "retest.json").read_text())
+    assert record["retest_of"] == str(run_a) and record["step"] == STEPS
+    assert record["overrides"] == ["eval.mask_history=true"]
+    assert run_c.exists()
+
+
+def test_retest_refuses_what_it_cannot_test_unchanged(finished, tmp_path):
+    out, run_a = finished
+    with pytest.raises(ConfigError, match="the evaluation only"):
+        retest_job(run_a, ["train.lr=0.1"], None)
+    with pytest.raises(ConfigError, match="no metrics.json"):
+        retest_job(tmp_path, ["eval.mask_history=true"], None)
+    with pytest.raises(ConfigError, match="own name"):
+        retest_job(run_a, [], "a")
+    with pytest.raises(ConfigError, match="eval.mask_history"):  # a wrongly typed value, before any launch
+        retest_job(run_a, ["eval.mask_history=[1]"], None)
+
+    # a run whose last checkpoint is gone would resume from an earlier one and train on
+    copy = tmp_path / "a"
+    shutil.copytree(run_a, copy)
+    metrics = json.loads((copy / "metrics.json").read_text())
+    metrics["config"]["checkpoint"]["url"] = None
+    (copy / "metrics.json").write_text(json.dumps(metrics))
+    shutil.rmtree(copy / "checkpoints" / f"step-{STEPS:08d}")
+    with pytest.raises(ConfigError, match=f"not the step it finished at \\({STEPS}\\)"):
+        retest_job(copy, ["eval.mask_history=true"], None)
+
+    metrics["config"]["checkpoint"]["enabled"] = False
+    (copy / "metrics.json").write_text(json.dumps(metrics))
+    with pytest.raises(ConfigError, match="checkpoint.enabled=false"):
+        retest_job(copy, ["eval.mask_history=true"], None)
