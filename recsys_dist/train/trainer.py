@@ -29,7 +29,7 @@ from recsys_dist.train.engine import build_engine
 from recsys_dist.train.negatives import NegativeSampler
 from recsys_dist.train.report import RunReport, peak_rss_gib_per_rank, setup_logging
 from recsys_dist.train.step import check_objective, train_step
-from recsys_dist.train.validate import evaluate_model, evaluate_popularity
+from recsys_dist.train.validate import check_mask_scope, evaluate_model, evaluate_popularity
 
 log = logging.getLogger("recsys_dist.train")
 
@@ -93,6 +93,7 @@ class Trainer:
                  self.world, self.device)
         check_objective(build_model(cfg.model, cfg.data.max_len), cfg.train.objective)  # before any shard build
         check_sparse_config(cfg.sparse)  # e.g. adamw needs data_parallel
+        check_mask_scope(cfg.eval.mask_scope)
         self.manifest = ensure_shards(cfg, self.rank)
         self.num_rows = int(self.manifest["num_items"]) + 1
         model = build_model(cfg.model, cfg.data.max_len)
@@ -337,9 +338,11 @@ class Trainer:
             "popularity_test": popularity, "last_val": self.last_val,
             "seconds_per_step": self._t_train / max(self._timed_steps, 1),
             "samples_per_second": cfg.train.batch_size * self.world * self._timed_steps / max(self._t_train, 1e-9),
-            "protocol": {"mask_history": cfg.eval.mask_history,
-                         "masked": "the user's whole seen set before the target (never the target)"
-                         if cfg.eval.mask_history else "nothing",
+            "protocol": {"mask_history": cfg.eval.mask_history, "mask_scope": cfg.eval.mask_scope,
+                         "masked": ("nothing" if not cfg.eval.mask_history else
+                                    "the user's whole seen set before the target (never the target)"
+                                    if cfg.eval.mask_scope == "seen" else
+                                    f"the items of the model's input window (the last {cfg.data.max_len}; never the target)"),
                          "full_catalog": True, "ties": cfg.eval.ties, "ties_meaning": TIE_MEANING[cfg.eval.ties],
                          "eval_noise_seed": cfg.eval.seed, "test_eval_seeds": seeds,
                          "val_users": cfg.eval.val_max_users or "all", "val_subset": "seeded random",

@@ -6,7 +6,8 @@ the world size or batch composition), and the evaluator ranks every item on the 
 owns it. Ranks with fewer batches keep joining the collectives with empty batches.
 
 Protocol: with ``eval.mask_history`` the candidates exclude the user's *whole* seen set (the
-batch's ``seen`` column, every earlier item however long the history), never the target; ties
+batch's ``seen`` column, every earlier item however long the history), never the target; with
+``eval.mask_scope: input`` only the items of the model's input window (HSTU's repo); ties
 with the target follow ``eval.ties`` (default: expected rank under a random order of ties).
 """
 
@@ -51,9 +52,20 @@ def _empty_batch(max_len: int) -> dict[str, torch.Tensor]:
             "target": torch.zeros(0, dtype=torch.long), "user": torch.zeros(0, dtype=torch.long)}
 
 
-def _seen(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The ids to mask: the whole seen set, or the history for readers that have none."""
-    return batch["seen"] if "seen" in batch else batch["history"]
+MASK_SCOPES = ("seen", "input")  # eval.mask_scope
+
+
+def check_mask_scope(scope: str) -> None:
+    if scope not in MASK_SCOPES:
+        raise ValueError(f"unknown eval.mask_scope '{scope}' ({' | '.join(MASK_SCOPES)})")
+
+
+def _masked(batch: dict[str, torch.Tensor], scope: str) -> torch.Tensor:
+    """The ids ``eval.mask_history`` removes: the whole seen set (``seen``; the history for
+    readers that store none), or only the model's input window (``input``: the (B, L) history,
+    its padding 0 is never a candidate anyway)."""
+    check_mask_scope(scope)
+    return batch["seen"] if scope == "seen" and "seen" in batch else batch["history"]
 
 
 @torch.no_grad()
@@ -87,7 +99,7 @@ def evaluate_model(model, table: ShardedItemTable, batches: Iterable[dict], cfg:
                              f"{batch['user'][~torch.isfinite(query).all(-1).cpu()][:8].tolist()} "
                              f"(rank {table.rank}); refusing to rank them")
         result = rank_targets(query, batch["target"].to(query.device), block.float(), lo, table.num_rows,
-                              histories=_seen(batch).to(query.device), mask_history=cfg.mask_history,
+                              histories=_masked(batch, cfg.mask_scope).to(query.device), mask_history=cfg.mask_history,
                               ks=cfg.ks, item_chunk=cfg.item_chunk, ties=cfg.ties)
         acc.update(result)
         if progress is not None:
@@ -109,7 +121,7 @@ def evaluate_popularity(item_counts: torch.Tensor, num_rows: int, batches: Itera
         batch = batch if batch is not None else _empty_batch(1)
         b = batch["target"].shape[0]
         result = rank_targets(torch.ones(b, 1, dtype=torch.float64, device=device), batch["target"].to(device),
-                              block, lo, num_rows, histories=_seen(batch).to(device),
+                              block, lo, num_rows, histories=_masked(batch, cfg.mask_scope).to(device),
                               mask_history=cfg.mask_history, ks=cfg.ks, ties=cfg.ties)
         acc.update(result)
     release_score_buffer()  # the evaluator's scores are not kept through training
