@@ -20,7 +20,13 @@ Guarantees, checked before anything launches (one-line errors):
 - The run finished: its ``metrics.json`` exists.
 - Its newest complete checkpoint is the step it finished at. Otherwise the job would train on,
   and write there.
-- Only ``eval.*`` changes, so the tested state is the run's own.
+- Only ``eval.*`` changes, so the tested state is the run's own. ``eval.select_metric`` and
+  ``eval.val_max_users`` are refused too: they decide the selection, which stays the run's.
+- A stored config from an older version is read as that version ran
+  (``stored_config_as_now``), e.g. its tie rule.
+
+It runs on this node, with the run's world size: the per-rank batch stays the run's, so the
+checkpoint's global batch matches. DiffRec jobs write no checkpoints and cannot be retested.
 
 The selection stays the run's. The retest's ``metrics.json`` keeps the run's validation history,
 measured under the run's own protocol, and ``retest.json`` says so.
@@ -34,7 +40,10 @@ from pathlib import Path
 
 import yaml
 
-from recsys_dist.config import ConfigError, config_from_dict, parse_overrides
+from recsys_dist.config import ConfigError, config_from_dict, parse_overrides, stored_config_as_now
+
+#: eval settings that decide the selection, not the test: the selection stays the run's
+SELECTION_ONLY = ("eval.select_metric", "eval.val_max_users")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -42,8 +51,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="eval.key=value",
                    help="evaluation settings to test under, e.g. eval.mask_history=true (eval.* only)")
     p.add_argument("--name", default=None, help="the retest's run name (default <run>-retest)")
-    p.add_argument("--nproc-per-node", type=int, default=None,
-                   help="ranks (default: the run's world size)")
 
 
 def retest_job(run: Path, overrides: list[str], name: str | None) -> tuple[dict, dict]:
@@ -51,25 +58,34 @@ def retest_job(run: Path, overrides: list[str], name: str | None) -> tuple[dict,
     it is not one or an override is not an eval setting."""
     from recsys_dist.train.checkpoint import complete_steps
 
-    bad = [o for o in overrides if not o.split("=", 1)[0].startswith("eval.")]
+    keys = [o.split("=", 1)[0].strip() for o in overrides]
+    bad = [k for k in keys if not k.startswith("eval.")]
     if bad:
         raise ConfigError(f"retest changes the evaluation only (eval.*): {' '.join(bad)}")
+    if selection := [k for k in keys if k in SELECTION_ONLY]:
+        raise ConfigError(f"{' '.join(selection)} decides the selection, which a retest keeps: retrain to change it")
     metrics_path = run / "metrics.json"
     if not metrics_path.is_file():
         raise ConfigError(f"{run}: no metrics.json: retest takes a finished run (it trains nothing)")
     metrics = json.loads(metrics_path.read_text())
-    stored = config_from_dict(metrics["config"])
+    now = stored_config_as_now(metrics["config"])  # fields added since: the behaviour the run had
+    if now is None:
+        raise ConfigError(f"{run}: its stored config has fields this version removed or retyped: cannot retest it")
+    stored = config_from_dict(now)
+    if stored.model.name == "diffrec":
+        raise ConfigError(f"{run}: a DiffRec job writes no checkpoints (recsys_dist/train/diffrec_job.py): nothing to retest")
     if not stored.checkpoint.enabled:
         raise ConfigError(f"{run}: trained with checkpoint.enabled=false: no state to retest")
-    ckpt_url = stored.checkpoint.url or str((run / "checkpoints").resolve())
+    url = stored.checkpoint.url
+    ckpt_url = str(Path(url).resolve()) if url and "://" not in url else url or str((run / "checkpoints").resolve())
     steps = complete_steps(ckpt_url)
     if not steps or steps[-1] != metrics["steps"]:
         raise ConfigError(f"{run}: its newest complete checkpoint under {ckpt_url} is "
                           f"{steps[-1] if steps else 'none'}, not the step it finished at ({metrics['steps']}): "
                           "resuming would train (retest needs the run's last checkpoint)")
     name = name or f"{run.name}-retest"
-    if Path(stored.output_dir) / name == Path(stored.output_dir) / stored.name:
-        raise ConfigError(f"--name {name} is the run's own name: a retest writes its own run directory")
+    if (Path(stored.output_dir) / name).resolve() in (run.resolve(), (Path(stored.output_dir) / stored.name).resolve()):
+        raise ConfigError(f"--name {name} is the run's own directory: a retest writes its own")
     cfg = stored.to_dict()
     cfg.update(name=name, checkpoint={**cfg["checkpoint"], "url": ckpt_url, "resume": True})
     cfg["eval"].update(parse_overrides(overrides).get("eval", {}))
@@ -82,7 +98,9 @@ def retest_job(run: Path, overrides: list[str], name: str | None) -> tuple[dict,
 
 
 def run(args) -> int:
-    """Write the retest's config and record under runs/<name>/, then launch it as ``train``."""
+    """Write the retest's config and record under runs/<name>/, then launch it as ``train`` on
+    this node with the run's world size (the per-rank batch is the run's, so the checkpoint's
+    global batch matches)."""
     from launcher import commands
 
     cfg, record = retest_job(Path(args.run), list(args.overrides), args.name)
@@ -93,7 +111,7 @@ def run(args) -> int:
     (out / "retest.json").write_text(json.dumps(record, indent=1) + "\n")
     world = json.loads((Path(args.run) / "metrics.json").read_text()).get("world_size", 2)
     train_args = argparse.Namespace(config=str(config_path), overrides=[], launcher="torchrun",
-                                    nproc_per_node=args.nproc_per_node or world, nnodes="1", node_rank=None,
+                                    nproc_per_node=world, nnodes="1", node_rank=None,
                                     rdzv_endpoint=None, rdzv_id="recsys-dist", max_restarts=0, hostfile=None,
                                     no_ssh=False, master_addr=None, master_port=None)
     return commands.train(train_args)

@@ -128,7 +128,7 @@ class EvalConfig:
     mask_history: bool = False  # remove the user's whole seen set (train + earlier items) from the candidates
     # what mask_history removes: seen (the whole seen set before the target) | input (only the
     # items of the model's input window, the last data.max_len: HSTU's repo, eval.py)
-    mask_scope: str = "seen"
+    mask_scope: typing.Literal["seen", "input"] = "seen"
     ties: str = "expected"  # expected (random order of tied items, averaged exactly) | optimistic | pessimistic
     seed: int = 2024  # diffusion sampling noise at eval (per user, world-size independent)
     test_seeds: int = 3  # generative models: test metrics are mean/std over this many eval-noise seeds

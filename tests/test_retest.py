@@ -6,7 +6,9 @@ B = ``retest A eval.mask_history=true``; C trains the same seed with ``eval.mask
 from the start. Each run validates once, at its end, so A and C select the same (last) state.
 Training on CPU is bitwise deterministic (tests/test_resume.py), so B's test must equal C's
 exactly. It must also differ from A's, which shows the override reached the evaluator. A's
-checkpoint files must be unchanged: same names, sizes and modification times.
+checkpoint files must be unchanged: same names, sizes and modification times. D selects a state
+before its last step; its retest without overrides must reproduce D's test (the selected state
+is restored, not the last).
 """
 
 import json
@@ -67,7 +69,6 @@ def test_retest_equals_a_run_evaluated_that_way_from_the_start(finished, shards)
 
     a, b, c = (json.loads((out / n / "metrics.json").read_text()) for n in ("a", "b", "c"))
     assert _files(run_a / "checkpoints") == before, "the retest wrote into the run's checkpoints"
-    assert not (out / "b" / "checkpoints").exists(), "the retest saved a checkpoint of its own"
     assert b["steps"] == a["steps"] == STEPS and b["selected_step"] == a["selected_step"] == c["selected_step"]
     assert b["protocol"]["mask_history"] is True and a["protocol"]["mask_history"] is False
     metrics = lambda run: {k: v for k, v in run["test"].items() if k != "seconds"}  # noqa: E731
@@ -79,16 +80,34 @@ def test_retest_equals_a_run_evaluated_that_way_from_the_start(finished, shards)
     assert run_c.exists()
 
 
+def test_retest_tests_the_selected_state_not_the_last(shards, tmp_path):
+    # D validates every 5 steps and selects a state before its last step (asserted: the
+    # precondition); a retest without overrides must then reproduce D's test exactly, which
+    # testing the last state instead of the selected one (best/) would not
+    run_d = _train(tmp_path, shards, "d", "train.eval_every=5", "train.lr=0.01", "sparse.lr=5.0")
+    d = json.loads((run_d / "metrics.json").read_text())
+    assert d["selected_step"] < d["steps"], f"precondition: D selected its last step {d['selected_step']}"
+    _launch(["retest", str(run_d)])
+    again = json.loads((tmp_path / "d-retest" / "metrics.json").read_text())
+    assert again["selected_step"] == d["selected_step"]
+    assert {k: v for k, v in again["test"].items() if k != "seconds"} == \
+        {k: v for k, v in d["test"].items() if k != "seconds"}
+
+
 def test_retest_refuses_what_it_cannot_test_unchanged(finished, tmp_path):
     out, run_a = finished
     with pytest.raises(ConfigError, match="the evaluation only"):
         retest_job(run_a, ["train.lr=0.1"], None)
     with pytest.raises(ConfigError, match="no metrics.json"):
         retest_job(tmp_path, ["eval.mask_history=true"], None)
-    with pytest.raises(ConfigError, match="own name"):
+    with pytest.raises(ConfigError, match="decides the selection"):
+        retest_job(run_a, ["eval.select_metric=HR@10"], None)
+    with pytest.raises(ConfigError, match="own directory"):
         retest_job(run_a, [], "a")
     with pytest.raises(ConfigError, match="eval.mask_history"):  # a wrongly typed value, before any launch
         retest_job(run_a, ["eval.mask_history=[1]"], None)
+    with pytest.raises(ConfigError, match="eval.mask_scope"):
+        retest_job(run_a, ["eval.mask_scope=window"], None)
 
     # a run whose last checkpoint is gone would resume from an earlier one and train on
     copy = tmp_path / "a"

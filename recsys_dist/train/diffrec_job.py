@@ -279,6 +279,9 @@ def ensure_sets_shards(cfg: JobConfig, rank: int) -> tuple[str, dict]:
     and their manifest, checked to hold per-user sets."""
     from recsys_dist.train.data import ensure_shards
 
+    if cfg.eval.mask_scope != "seen":
+        raise ValueError(f"eval.mask_scope={cfg.eval.mask_scope}: a DiffRec job always masks the user's whole "
+                         "earlier sets (train; train + valid for test); leave eval.mask_scope=seen")
     manifest = ensure_shards(cfg, rank)
     if manifest["protocol"] not in SET_PROTOCOLS:
         raise ValueError(f"model.name=diffrec needs per-user train / valid / test sets (data.source.protocol "
