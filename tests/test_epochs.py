@@ -44,6 +44,19 @@ def test_epochs_patience_and_curves(tmp_path) -> None:
     assert (tmp_path / "epochs" / "curve.png").stat().st_size > 0
 
 
+@pytest.mark.skipif(not DATA.exists(), reason=f"ML-1M not found at {DATA}")
+def test_patience_running_out_at_the_last_validation_is_not_an_early_stop(tmp_path) -> None:
+    # lr 0, patience 1, 2 epochs: the 2nd validation is not better, at the run's planned end
+    overrides = ["data.dataset=ml-1m", "data.max_len=10", "data.source.max_users=60", "data.train_prefixes_per_user=4",
+                 f"data.shards_url={tmp_path / 'shards'}", f"output_dir={tmp_path}", "name=to-the-end",
+                 "train.batch_size=32", "train.max_steps=100000", "train.max_epochs=2", "train.eval_every_epochs=1",
+                 "train.patience=1", "train.lr=0.0", "sparse.optimizer=sgd", "sparse.lr=0.0", "model.dropout=0.0",
+                 "model.emb_dropout=0.0", "eval.val_max_users=null", "checkpoint.enabled=false"]
+    out = run_distributed(_fit, 2, overrides)[0]
+    assert out["steps"] == 2 * out["steps_per_epoch"] and out["selected_step"] == out["steps_per_epoch"]
+    assert out["stopped_early"] is False
+
+
 def _fit_three_times(overrides: list[str]):
     """The same early-stopped job run again (it resumes its last checkpoint), then again with
     a larger patience."""

@@ -260,8 +260,9 @@ class Trainer:
         since_best = self._validations_since_best()
         if cfg.train.patience > 0 and since_best >= cfg.train.patience:
             self.stop_early = True
-            log.info("early stop at step %d: %d validations without a better %s (best %.4f at step %s)",
-                     state.step, since_best, cfg.eval.select_metric, state.best_value, state.best_step)
+            if state.step < self.total_steps:  # at the planned end there is nothing left to stop
+                log.info("early stop at step %d: %d validations without a better %s (best %.4f at step %s)",
+                         state.step, since_best, cfg.eval.select_metric, state.best_value, state.best_step)
         return metrics
 
     def _validations_since_best(self) -> int:
@@ -331,7 +332,8 @@ class Trainer:
             "name": cfg.name, "model": cfg.model.name, "dataset": cfg.data.dataset, "world_size": self.world,
             "device": str(self.device), "steps": state.step, "epochs_started": state.epoch,
             "steps_per_epoch": self.steps_per_epoch, "epochs": state.step / self.steps_per_epoch,
-            "stopped_early": self.stop_early,
+            # before the planned end only: patience running out at the last validation stops nothing
+            "stopped_early": self.stop_early and state.step < self.total_steps,
             "train_seconds": float(report.val[-1][1].get("train_seconds", 0.0)) if report.val else 0.0,
             "selected_step": state.best_step, "select_metric": cfg.eval.select_metric, "best_val": state.best_value,
             "test": test, "test_std": test_std, "test_seeds": seeds, "test_per_seed": per_seed,
