@@ -24,14 +24,20 @@ def _fit(overrides: list[str]):
     return {k: out[k] for k in ("steps", "steps_per_epoch", "epochs", "stopped_early", "validation", "selected_step")}
 
 
+def _frozen_job(tmp_path: Path, name: str, max_epochs: int, checkpoints: bool = False) -> list[str]:
+    """A SASRec job on 60 ML-1M users with lr 0 on both parts: validation never improves, so
+    patience 1 stops at the 2nd epoch."""
+    return ["data.dataset=ml-1m", "data.max_len=10", "data.source.max_users=60", "data.train_prefixes_per_user=4",
+            f"data.shards_url={tmp_path / 'shards'}", f"output_dir={tmp_path}", f"name={name}",
+            "train.batch_size=32", "train.max_steps=100000", f"train.max_epochs={max_epochs}", "train.eval_every_epochs=1",
+            "train.patience=1", "train.lr=0.0", "sparse.optimizer=sgd", "sparse.lr=0.0", "model.dropout=0.0",
+            "model.emb_dropout=0.0", "eval.val_max_users=null", *([] if checkpoints else ["checkpoint.enabled=false"])]
+
+
 @pytest.mark.skipif(not DATA.exists(), reason=f"ML-1M not found at {DATA}")
 def test_epochs_patience_and_curves(tmp_path) -> None:
     # lr 0 on both parts: validation can never improve, so patience 1 stops at the 2nd epoch
-    overrides = ["data.dataset=ml-1m", "data.max_len=10", "data.source.max_users=60", "data.train_prefixes_per_user=4",
-                 f"data.shards_url={tmp_path / 'shards'}", f"output_dir={tmp_path}", "name=epochs",
-                 "train.batch_size=32", "train.max_steps=100000", "train.max_epochs=5", "train.eval_every_epochs=1",
-                 "train.patience=1", "train.lr=0.0", "sparse.optimizer=sgd", "sparse.lr=0.0", "model.dropout=0.0",
-                 "model.emb_dropout=0.0", "eval.val_max_users=null", "checkpoint.enabled=false"]
+    overrides = _frozen_job(tmp_path, "epochs", 5)
     out = run_distributed(_fit, 2, overrides)[0]
     spe = out["steps_per_epoch"]
     assert spe == 240 // 64  # 60 users x 4 prefixes, global batch 2 x 32, drop_last
@@ -47,11 +53,7 @@ def test_epochs_patience_and_curves(tmp_path) -> None:
 @pytest.mark.skipif(not DATA.exists(), reason=f"ML-1M not found at {DATA}")
 def test_patience_running_out_at_the_last_validation_is_not_an_early_stop(tmp_path) -> None:
     # lr 0, patience 1, 2 epochs: the 2nd validation is not better, at the run's planned end
-    overrides = ["data.dataset=ml-1m", "data.max_len=10", "data.source.max_users=60", "data.train_prefixes_per_user=4",
-                 f"data.shards_url={tmp_path / 'shards'}", f"output_dir={tmp_path}", "name=to-the-end",
-                 "train.batch_size=32", "train.max_steps=100000", "train.max_epochs=2", "train.eval_every_epochs=1",
-                 "train.patience=1", "train.lr=0.0", "sparse.optimizer=sgd", "sparse.lr=0.0", "model.dropout=0.0",
-                 "model.emb_dropout=0.0", "eval.val_max_users=null", "checkpoint.enabled=false"]
+    overrides = _frozen_job(tmp_path, "to-the-end", 2)
     out = run_distributed(_fit, 2, overrides)[0]
     assert out["steps"] == 2 * out["steps_per_epoch"] and out["selected_step"] == out["steps_per_epoch"]
     assert out["stopped_early"] is False
@@ -67,11 +69,7 @@ def _fit_three_times(overrides: list[str]):
 def test_a_resumed_early_stopped_run_does_not_train_past_its_stop(tmp_path) -> None:
     # lr 0: validation never improves; patience 1 stops at the 2nd epoch. Run again, the job
     # resumes that checkpoint and must only select and test; patience 2 lets it train one more
-    overrides = ["data.dataset=ml-1m", "data.max_len=10", "data.source.max_users=60", "data.train_prefixes_per_user=4",
-                 f"data.shards_url={tmp_path / 'shards'}", f"output_dir={tmp_path}", "name=resumed-stop",
-                 "train.batch_size=32", "train.max_steps=100000", "train.max_epochs=5", "train.eval_every_epochs=1",
-                 "train.patience=1", "train.lr=0.0", "sparse.optimizer=sgd", "sparse.lr=0.0", "model.dropout=0.0",
-                 "model.emb_dropout=0.0", "eval.val_max_users=null"]
+    overrides = _frozen_job(tmp_path, "resumed-stop", 5, checkpoints=True)
     first, again, longer = run_distributed(_fit_three_times, 2, overrides)[0]
     spe = first["steps_per_epoch"]
     assert first["stopped_early"] and first["steps"] == 2 * spe
