@@ -2,12 +2,11 @@
 again under other evaluation settings, training nothing.
 
 What it is for: a number to put beside a paper's, when the paper's protocol differs from the
-run's in evaluation only. Example: HSTU's repo removes each user's seen items from the
-candidates (its ``eval.py``, ``filter_invalid_ids=True``); our default ranks them.
-``retest runs/repro-ml1m-sasrec-allpos-s0 eval.mask_history=true`` gives the same state's test
-under that candidate set::
+run's in evaluation only. Example: HSTU's repo removes the items of the model's input from each
+user's candidates (its ``eval.py``, ``filter_invalid_ids=True``); our default ranks them. This
+gives the same state's test under that candidate set::
 
-    python -m launcher retest runs/repro-ml1m-sasrec-allpos-s0 eval.mask_history=true
+    python -m launcher retest runs/repro-ml1m-sasrec-allpos-s0 eval.mask_history=true eval.mask_scope=input
     # -> runs/repro-ml1m-sasrec-allpos-s0-retest/metrics.json (+ retest.json)
 
 How: the run's stored config (its ``metrics.json``) plus the ``eval.*`` overrides becomes a job

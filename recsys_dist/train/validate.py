@@ -13,6 +13,7 @@ with the target follow ``eval.ties`` (default: expected rank under a random orde
 
 from __future__ import annotations
 
+import typing
 from typing import Iterable
 
 import torch
@@ -52,7 +53,7 @@ def _empty_batch(max_len: int) -> dict[str, torch.Tensor]:
             "target": torch.zeros(0, dtype=torch.long), "user": torch.zeros(0, dtype=torch.long)}
 
 
-MASK_SCOPES = ("seen", "input")  # eval.mask_scope
+MASK_SCOPES = typing.get_args(typing.get_type_hints(EvalConfig)["mask_scope"])  # the config's Literal
 
 
 def check_mask_scope(scope: str) -> None:
