@@ -10,6 +10,8 @@ A table is ``configs/reproduce/<TABLE>.yaml``::
         paper: {HR@10: 7.91, NDCG@10: 4.75}     # the paper's figures (%), its own protocol
         official: {HR@10: 7.0}                  # the official code's, measured on this machine (%)
         target: HR@10 >= 7.9                    # free text: what this row must reach
+        retests:                                # optional: each run's selected state tested again
+          hstu-candidates: [eval.mask_history=true, eval.mask_scope=input]   # label: eval.* overrides
     columns: [HR@10, NDCG@10, HR@20, NDCG@20]  # optional: the metrics shown (default these)
 
 Every (row, seed) runs as ``repro-<TABLE>-<row>-s<seed>`` on N local ranks (torchrun), selected on
@@ -17,6 +19,12 @@ validation, tested once (per eval-noise seed for generative models). The table r
 the mean and sample standard deviation over the training seeds of the test metrics, the
 popularity ranker on the same users, wall time, and the command; the curves of all runs go to
 one PNG. Outputs: ``runs/reproduce/<TABLE>.md``, ``<TABLE>.json``, ``<TABLE>_curves.png``.
+
+A row's ``retests`` test each finished run's validation-selected state again under other eval
+settings (``launcher/retest.py``: trains nothing, writes ``runs/<job>-<label>/``), for a number to
+put beside a paper whose protocol differs in evaluation only. The table shows each as its own
+line, ``<row> [<label>]``, with the popularity ranker under the same settings; the run's
+``metrics.json`` in ``<TABLE>.json`` carries them under ``retests``.
 
 A run of some rows or seeds (``--rows``, ``--seeds``) keeps every other (row, seed) from the previous
 results (``runs/reproduce/<TABLE>.json``, or ``--merge-from`` e.g. a committed
@@ -53,6 +61,7 @@ class Row:
     paper: dict[str, float] = field(default_factory=dict)
     official: dict[str, float] = field(default_factory=dict)
     target: str = ""
+    retests: dict[str, list[str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -86,6 +95,12 @@ def mean_sd(values: list[float]) -> tuple[float, float | None]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
+def mean_sd_cell(values: list[float]) -> str:
+    """``mean ± sd`` in percent; the value alone for one seed (``mean_sd``)."""
+    m, sd = mean_sd(values)
+    return f"{100 * m:.2f}" + ("" if sd is None else f" ± {100 * sd:.2f}")
+
+
 def command_line(args) -> str:
     """The ``reproduce`` command as it was typed (its options that change what runs), for the
     table's footer: a reader reruns exactly this."""
@@ -111,16 +126,13 @@ def summarize(table: Table, results: dict[str, list[dict[str, Any]]], command: s
     cols = table.columns
     head = ("| row | " + " | ".join(cols) + " | paper | official code | target | seeds | epochs | train min (mean) |")
     lines = [head, "|---|" + "---:|" * len(cols) + "---|---|---|---:|---:|---:|"]
-    popularity: dict[str, dict] = {}
+    popularity: dict[tuple[str, str], dict] = {}  # (dataset, retest label or "") -> the ranker's test
     for row in table.rows:
         runs = results.get(row.name, [])
         if not runs:
             lines.append(f"| {row.name} | " + " | ".join("not run" for _ in cols) + f" | | | {row.target} | 0 | | |")
             continue
-        cells = []
-        for c in cols:
-            m, sd = mean_sd([r["test"][c] for r in runs])
-            cells.append(f"{100 * m:.2f}" + ("" if sd is None else f" ± {100 * sd:.2f}"))
+        cells = [mean_sd_cell([r["test"][c] for r in runs]) for c in cols]
         paper = ", ".join(f"{k} {v}" for k, v in row.paper.items())
         official = ", ".join(f"{k} {v}" for k, v in row.official.items())
         epochs = statistics.fmean(r.get("epochs", float("nan")) for r in runs)
@@ -128,10 +140,22 @@ def summarize(table: Table, results: dict[str, list[dict[str, Any]]], command: s
         lines.append(f"| {row.name} | " + " | ".join(cells) + f" | {paper} | {official} | {row.target} | "
                      f"{len(runs)} ({', '.join(str(run_seed(r)) for r in runs)}) | "
                      f"{epochs:.1f} | {minutes:.1f} |")
-        popularity.setdefault(runs[0].get("dataset", ""), runs[0]["popularity_test"])
-    for dataset, pop in popularity.items():
-        label = "popularity" + (f" ({dataset})" if len(popularity) > 1 else "")
-        lines.append(f"| {label} | " + " | ".join(f"{100 * pop[c]:.2f}" for c in cols) + " | | | | | | |")
+        dataset = runs[0].get("dataset", "")
+        popularity.setdefault((dataset, ""), runs[0]["popularity_test"])
+        for label, overrides in row.retests.items():
+            retested = [r for r in runs if label in r.get("retests", {})]
+            where = f"the same state{'s' if len(runs) > 1 else ''} tested with {' '.join(overrides)}"
+            if not retested:
+                lines.append(f"| {row.name} [{label}] | " + " | ".join("not run" for _ in cols) + f" | | | {where} | 0 | | |")
+                continue
+            cells = [mean_sd_cell([r["retests"][label]["test"][c] for r in retested]) for c in cols]
+            lines.append(f"| {row.name} [{label}] | " + " | ".join(cells) + f" | {paper} | {official} | {where} | "
+                         f"{len(retested)} ({', '.join(str(run_seed(r)) for r in retested)}) | | |")
+            popularity.setdefault((dataset, label), retested[0]["retests"][label]["popularity_test"])
+    datasets = {d for d, _ in popularity}
+    for (dataset, label), pop in popularity.items():
+        name = "popularity" + (f" ({dataset})" if len(datasets) > 1 else "") + (f" [{label}]" if label else "")
+        lines.append(f"| {name} | " + " | ".join(f"{100 * pop[c]:.2f}" for c in cols) + " | | | | | | |")
     lines += ["", f"Command: `{command}` (per row: `configs/reproduce/{table.name}.yaml`; seeds {table.seeds}). "
                   "Metrics in %, mean ± sample sd over training seeds (the seeds column: how many, and which; one seed: its value, no spread); full catalog, validation-selected, "
                   "test once, ties by expected rank."]
@@ -192,6 +216,9 @@ def stale_runs(table: Table, kept: dict[str, list[dict[str, Any]]]) -> list[str]
                 lines.append(f"{row.name} seed {seed}: its config does not load now ({exc})")
                 continue
             diffs = config_mismatch(m["config"], now, RUN_MAY_DIFFER, ("stored", "now"))
+            diffs += [f"retest {label}: stored {' '.join(r['overrides'])} != now {' '.join(row.retests[label])}"
+                      for label, r in m.get("retests", {}).items()
+                      if label in row.retests and r["overrides"] != row.retests[label]]
             if diffs:
                 lines.append(f"{row.name} seed {seed}: " + "; ".join(diffs))
     return lines
@@ -210,8 +237,56 @@ def set_aside(run_dir: Path) -> Path | None:
     return aside
 
 
+def same_retest(record_path: Path, run_dir: Path, overrides: list[str], step: int) -> bool:
+    """Whether the retest recorded in ``record_path`` (its ``retest.json``) is of ``run_dir`` at
+    ``step`` with ``overrides``: ``--reuse`` then reads it rather than testing again."""
+    if not record_path.exists():
+        return False
+    record = json.loads(record_path.read_text())
+    return (record.get("overrides") == overrides and record.get("step") == step
+            and Path(record.get("retest_of", "")).resolve() == run_dir.resolve())
+
+
+def retest_run(row: Row, run_dir: Path, metrics: dict[str, Any], reuse: bool, nproc: int) -> int:
+    """Test the finished run in ``run_dir`` again under each of ``row.retests`` (``launcher/retest.py``)
+    into ``metrics["retests"][label]`` (its overrides, test, popularity test, the retest's run name).
+    With ``reuse``, a retest already written for this run's last step with the same overrides is
+    read, not run; a retest run again sets its earlier folder aside (``set_aside``). Returns how
+    many failed (their line in the table then reads "not run")."""
+    from launcher import retest
+    from launcher.commands import run_job
+
+    failed = 0
+    for label, overrides in row.retests.items():
+        name = f"{run_dir.name}-{label}"
+        out = run_dir.parent / name
+        if not (reuse and (out / "metrics.json").exists()
+                and same_retest(out / "retest.json", run_dir, overrides, metrics["steps"])):
+            print(f"[reproduce] {row.name}: retest {label} of {run_dir.name} ({' '.join(overrides)})",
+                  file=sys.stderr, flush=True)
+            set_aside(out)
+            try:
+                config_path, world = retest.prepare(run_dir, overrides, name)
+            except ConfigError as exc:
+                print(f"[reproduce] {row.name} retest {label} failed: {exc}", file=sys.stderr)
+                failed += 1
+                continue
+            if world != nproc:
+                print(f"[reproduce] {run_dir.name} ran on {world} ranks: its retest runs on {world}", file=sys.stderr)
+            if run_job(str(config_path), [], world) != 0:
+                print(f"[reproduce] {row.name} retest {label} of {run_dir.name} failed", file=sys.stderr)
+                failed += 1
+                continue
+        retested = json.loads((out / "metrics.json").read_text())
+        metrics.setdefault("retests", {})[label] = {"overrides": list(overrides), "run": name,
+                                                    "test": retested["test"],
+                                                    "popularity_test": retested["popularity_test"]}
+    return failed
+
+
 def run(args) -> int:
     from launcher.commands import run_job
+    from launcher.retest import check_overrides
     from recsys_dist.train.report import plot_learning_curves
 
     table = Table.load(args.table)
@@ -221,9 +296,16 @@ def run(args) -> int:
     unknown = set(args.rows or []) - {r.name for r in table.rows}
     if unknown:
         raise ConfigError(f"table {table.name!r} has no row(s) {sorted(unknown)} (rows: {[r.name for r in table.rows]})")
-    for row in rows:  # every config loads before anything trains
+    for row in rows:  # every config and retest loads before anything trains
         for seed in table.seeds:
-            load_config(REPO_ROOT / row.config, job_overrides(table, row, seed, args.overrides))
+            job = job_overrides(table, row, seed, args.overrides)
+            load_config(REPO_ROOT / row.config, job)
+            for label, overrides in row.retests.items():
+                try:
+                    check_overrides(overrides)
+                    load_config(REPO_ROOT / row.config, [*job, *overrides])  # type-checks the values
+                except ConfigError as exc:
+                    raise ConfigError(f"table {table.name!r} row {row.name!r} retest {label!r}: {exc}") from None
     # read now, not after the runs: a config edited while they train must not stop the table's writing
     metric = load_config(REPO_ROOT / rows[0].config, rows[0].overrides).eval.select_metric
     out = REPO_ROOT / "runs" / "reproduce"
@@ -238,7 +320,8 @@ def run(args) -> int:
             overrides = job_overrides(table, row, seed, args.overrides)
             cfg = load_config(REPO_ROOT / row.config, overrides)
             path = cfg.run_dir() / "metrics.json"
-            if not (args.reuse and reusable_run(path, cfg)):
+            trained = not (args.reuse and reusable_run(path, cfg))
+            if trained:
                 print(f"[reproduce] {table.name}: {row.name} seed {seed}", file=sys.stderr, flush=True)
                 if (aside := set_aside(cfg.run_dir())) is not None:
                     print(f"[reproduce] the finished {cfg.run_dir().name} moved to {aside.name}: this run starts fresh",
@@ -253,6 +336,7 @@ def run(args) -> int:
             else:
                 reused += 1
             m = json.loads(path.read_text())
+            failed += retest_run(row, cfg.run_dir(), m, args.reuse and not trained, args.nproc_per_node)
             results.setdefault(row.name, []).append(m)
             curves.append((row.name, seed, [tuple(v) for v in m["validation"]]))
     kept = kept_results(table, {name: {run_seed(m) for m in runs} for name, runs in results.items()}, previous)

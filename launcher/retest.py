@@ -52,17 +52,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", default=None, help="the retest's run name (default <run>-retest)")
 
 
-def retest_job(run: Path, overrides: list[str], name: str | None) -> tuple[dict, dict]:
-    """(the retest's config dict, what retest.json records) for a finished run; ConfigError when
-    it is not one or an override is not an eval setting."""
-    from recsys_dist.train.checkpoint import complete_steps
-
+def check_overrides(overrides: list[str]) -> None:
+    """ConfigError unless every override is an ``eval.*`` setting that leaves the selection alone."""
     keys = [o.split("=", 1)[0].strip() for o in overrides]
     bad = [k for k in keys if not k.startswith("eval.")]
     if bad:
         raise ConfigError(f"retest changes the evaluation only (eval.*): {' '.join(bad)}")
     if selection := [k for k in keys if k in SELECTION_ONLY]:
         raise ConfigError(f"{' '.join(selection)} decides the selection, which a retest keeps: retrain to change it")
+
+
+def retest_job(run: Path, overrides: list[str], name: str | None) -> tuple[dict, dict]:
+    """(the retest's config dict, what retest.json records) for a finished run; ConfigError when
+    it is not one or an override is not an eval setting."""
+    from recsys_dist.train.checkpoint import complete_steps
+
+    check_overrides(overrides)
     metrics_path = run / "metrics.json"
     if not metrics_path.is_file():
         raise ConfigError(f"{run}: no metrics.json: retest takes a finished run (it trains nothing)")
@@ -96,19 +101,24 @@ def retest_job(run: Path, overrides: list[str], name: str | None) -> tuple[dict,
     return cfg, record
 
 
-def run(args) -> int:
-    """Write the retest's config and record under runs/<name>/, then launch it as ``train`` on
-    this node with the run's world size (the per-rank batch is the run's, so the checkpoint's
-    global batch matches)."""
-    from launcher import commands
-
-    cfg, record = retest_job(Path(args.run), list(args.overrides), args.name)
+def prepare(run_dir: Path, overrides: list[str], name: str | None) -> tuple[Path, int]:
+    """Check (``retest_job``) and write the retest's ``retest-config.yaml`` and ``retest.json``
+    under ``runs/<name>/``; returns (the config's path, the run's world size) to launch it with."""
+    cfg, record = retest_job(run_dir, overrides, name)
     out = Path(cfg["output_dir"]) / cfg["name"]
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / "retest-config.yaml"
     config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     (out / "retest.json").write_text(json.dumps(record, indent=1) + "\n")
-    world = json.loads((Path(args.run) / "metrics.json").read_text()).get("world_size", 2)
+    return config_path, json.loads((run_dir / "metrics.json").read_text()).get("world_size", 2)
+
+
+def run(args) -> int:
+    """Launch the retest (``prepare``) as ``train`` on this node with the run's world size (the
+    per-rank batch is the run's, so the checkpoint's global batch matches)."""
+    from launcher import commands
+
+    config_path, world = prepare(Path(args.run), list(args.overrides), args.name)
     train_args = argparse.Namespace(config=str(config_path), overrides=[], launcher="torchrun",
                                     nproc_per_node=world, nnodes="1", node_rank=None,
                                     rdzv_endpoint=None, rdzv_id="recsys-dist", max_restarts=0, hostfile=None,

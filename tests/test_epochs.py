@@ -286,3 +286,23 @@ def test_reproduce_writes_its_table_when_a_config_breaks_while_the_runs_train(tm
     assert "| a | 22.67 | 11.20 |" in (out / "t.md").read_text()
     assert json.loads((out / "t.json").read_text())["a"][0]["test"] == finished["test"]
     assert (out / "t_curves.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("retest, message", [(["train.lr=0.1"], "the evaluation only"),
+                                             (["eval.select_metric=HR@10"], "decides the selection"),
+                                             (["eval.mask_scope=window"], "eval.mask_scope")])
+def test_reproduce_refuses_a_bad_retest_before_anything_trains(tmp_path, monkeypatch, retest, message) -> None:
+    import argparse
+
+    import launcher.commands
+    import launcher.reproduce as rp
+    from recsys_dist.config import ConfigError
+
+    row = rp.Row(name="a", config=str(REPO_ROOT / "configs/ml1m_sasrec-allpos.yaml"), retests={"x": retest})
+    monkeypatch.setattr(rp.Table, "load", classmethod(lambda cls, name: rp.Table(name, [0], [row])))
+    monkeypatch.setattr(rp, "REPO_ROOT", tmp_path)
+    monkeypatch.setattr(launcher.commands, "run_job", lambda *a, **k: pytest.fail("a job launched"))
+    args = argparse.Namespace(table="t", rows=None, seeds=None, nproc_per_node=2, reuse=False, merge_from=None,
+                              no_merge=True, overrides=[])
+    with pytest.raises(ConfigError, match=f"row 'a' retest 'x': .*{message}"):
+        rp.run(args)

@@ -65,7 +65,7 @@ def test_retest_equals_a_run_evaluated_that_way_from_the_start(finished, shards)
     out, run_a = finished
     before = _files(run_a / "checkpoints")
     _launch(["retest", str(run_a), "eval.mask_history=true", "--name", "b"])
-    run_c = _train(out, shards, "c", "eval.mask_history=true")
+    _train(out, shards, "c", "eval.mask_history=true")
 
     a, b, c = (json.loads((out / n / "metrics.json").read_text()) for n in ("a", "b", "c"))
     assert _files(run_a / "checkpoints") == before, "the retest wrote into the run's checkpoints"
@@ -77,7 +77,6 @@ def test_retest_equals_a_run_evaluated_that_way_from_the_start(finished, shards)
     record = json.loads((out / "b" / "retest.json").read_text())
     assert record["retest_of"] == str(run_a) and record["step"] == STEPS
     assert record["overrides"] == ["eval.mask_history=true"]
-    assert run_c.exists()
 
 
 def test_retest_tests_the_selected_state_not_the_last(shards, tmp_path):
@@ -123,3 +122,48 @@ def test_retest_refuses_what_it_cannot_test_unchanged(finished, tmp_path):
     (copy / "metrics.json").write_text(json.dumps(metrics))
     with pytest.raises(ConfigError, match="checkpoint.enabled=false"):
         retest_job(copy, ["eval.mask_history=true"], None)
+
+
+def test_reproduce_retests_each_run_and_shows_the_retest_as_its_own_line(shards, tmp_path, monkeypatch):
+    # a table row with a retest: reproduce trains the run (a real 2-rank job), retests its
+    # selected state (a real job), and the table's "[masked]" line and the results json hold the
+    # retest's own test, which differs from the row's; --reuse then reads both, running nothing
+    import argparse
+
+    import launcher.commands
+    import launcher.reproduce as rp
+
+    job = [f"output_dir={tmp_path / 'runs'}", "data.dataset=synthetic", f"data.shards_url={shards}",
+           "data.build_if_missing=false", "data.max_len=10", "model.dim=16", "model.num_blocks=1",
+           "train.batch_size=16", f"train.max_steps={STEPS}", "train.eval_every=0", "eval.batch_size=64",
+           "eval.test_seeds=1"]
+    row = rp.Row(name="a", config=str(REPO_ROOT / "configs/models/sasrec.yaml"), overrides=job,
+                 retests={"masked": ["eval.mask_history=true"]})
+    monkeypatch.setattr(rp.Table, "load", classmethod(lambda cls, name: rp.Table(name, [0], [row])))
+    monkeypatch.setattr(rp, "REPO_ROOT", tmp_path)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    args = argparse.Namespace(table="t", rows=None, seeds=None, nproc_per_node=2, reuse=False, merge_from=None,
+                              no_merge=True, overrides=[])
+    assert rp.run(args) == 0
+    runs = tmp_path / "runs"
+    run = json.loads((runs / "repro-t-a-s0" / "metrics.json").read_text())
+    retest = json.loads((runs / "repro-t-a-s0-masked" / "metrics.json").read_text())
+    assert json.loads((runs / "repro-t-a-s0-masked" / "retest.json").read_text())["overrides"] == \
+        ["eval.mask_history=true"]
+    assert retest["protocol"]["mask_history"] is True and retest["selected_step"] == run["selected_step"]
+    assert retest["test"]["NDCG@10"] != run["test"]["NDCG@10"]
+    stored = json.loads((runs / "reproduce" / "t.json").read_text())["a"][0]
+    assert stored["retests"]["masked"]["test"] == retest["test"]
+    assert stored["retests"]["masked"]["popularity_test"] == retest["popularity_test"]
+    text = (runs / "reproduce" / "t.md").read_text()
+    line = next(x for x in text.splitlines() if x.startswith("| a [masked] |"))
+    assert line.split("|")[2].strip() == f"{100 * retest['test']['HR@10']:.2f}"
+    assert "eval.mask_history=true" in line
+    assert f"| popularity [masked] | {100 * retest['popularity_test']['HR@10']:.2f} |" in text
+
+    def no_job(*a, **k):
+        raise AssertionError("--reuse launched a job although the run and its retest are written")
+
+    monkeypatch.setattr(launcher.commands, "run_job", no_job)
+    assert rp.run(argparse.Namespace(**{**vars(args), "reuse": True})) == 0
+    assert json.loads((runs / "reproduce" / "t.json").read_text())["a"][0]["retests"] == stored["retests"]
