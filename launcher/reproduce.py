@@ -36,6 +36,7 @@ run kept. ``--no-merge`` writes only the runs of now.
 from __future__ import annotations
 
 import json
+import re
 import statistics
 from pathlib import Path
 import sys
@@ -82,6 +83,13 @@ class Table:
             rows = [Row(**r) for r in data["rows"]]
         except (KeyError, TypeError) as exc:
             raise ConfigError(f"{path}: malformed table ({exc}); see launcher/reproduce.py") from None
+        for row in rows:
+            retests = row.retests
+            if not (isinstance(retests, dict) and all(
+                    isinstance(label, str) and re.fullmatch(r"[A-Za-z0-9_.-]+", label)
+                    and isinstance(ov, list) and all(isinstance(o, str) for o in ov) for label, ov in retests.items())):
+                raise ConfigError(f"{path}: row {row.name!r}: retests must map a label ([A-Za-z0-9_.-]) to a "
+                                  f"list of eval.key=value, got {retests!r}")
         return cls(name, [int(s) for s in data.get("seeds", [0, 1, 2])], rows,
                    [str(c) for c in data.get("columns", COLUMNS)])
 
@@ -126,7 +134,7 @@ def summarize(table: Table, results: dict[str, list[dict[str, Any]]], command: s
     cols = table.columns
     head = ("| row | " + " | ".join(cols) + " | paper | official code | target | seeds | epochs | train min (mean) |")
     lines = [head, "|---|" + "---:|" * len(cols) + "---|---|---|---:|---:|---:|"]
-    popularity: dict[tuple[str, str], dict] = {}  # (dataset, retest label or "") -> the ranker's test
+    popularity: dict[tuple[str, tuple[str, ...]], tuple[str, dict]] = {}  # (dataset, retest overrides) -> (label, test)
     for row in table.rows:
         runs = results.get(row.name, [])
         if not runs:
@@ -141,20 +149,22 @@ def summarize(table: Table, results: dict[str, list[dict[str, Any]]], command: s
                      f"{len(runs)} ({', '.join(str(run_seed(r)) for r in runs)}) | "
                      f"{epochs:.1f} | {minutes:.1f} |")
         dataset = runs[0].get("dataset", "")
-        popularity.setdefault((dataset, ""), runs[0]["popularity_test"])
+        popularity.setdefault((dataset, ()), ("", runs[0]["popularity_test"]))
         for label, overrides in row.retests.items():
-            retested = [r for r in runs if label in r.get("retests", {})]
-            where = f"the same state{'s' if len(runs) > 1 else ''} tested with {' '.join(overrides)}"
+            retested = [r for r in runs if r.get("retests", {}).get(label, {}).get("overrides") == overrides]
+            missing = [run_seed(r) for r in runs if r not in retested]
+            where = (f"{row.target}; this line: the row's state{'s' if len(retested) > 1 else ''} tested with "
+                     f"{' '.join(overrides)}" + (f"; not retested: seed {', '.join(map(str, missing))}" if missing else ""))
             if not retested:
                 lines.append(f"| {row.name} [{label}] | " + " | ".join("not run" for _ in cols) + f" | | | {where} | 0 | | |")
                 continue
             cells = [mean_sd_cell([r["retests"][label]["test"][c] for r in retested]) for c in cols]
             lines.append(f"| {row.name} [{label}] | " + " | ".join(cells) + f" | {paper} | {official} | {where} | "
                          f"{len(retested)} ({', '.join(str(run_seed(r)) for r in retested)}) | | |")
-            popularity.setdefault((dataset, label), retested[0]["retests"][label]["popularity_test"])
+            popularity.setdefault((dataset, tuple(overrides)), (label, retested[0]["retests"][label]["popularity_test"]))
     datasets = {d for d, _ in popularity}
-    for (dataset, label), pop in popularity.items():
-        name = "popularity" + (f" ({dataset})" if len(datasets) > 1 else "") + (f" [{label}]" if label else "")
+    for (dataset, overrides), (label, pop) in popularity.items():
+        name = "popularity" + (f" ({dataset})" if len(datasets) > 1 else "") + (f" [{label}]" if overrides else "")
         lines.append(f"| {name} | " + " | ".join(f"{100 * pop[c]:.2f}" for c in cols) + " | | | | | | |")
     lines += ["", f"Command: `{command}` (per row: `configs/reproduce/{table.name}.yaml`; seeds {table.seeds}). "
                   "Metrics in %, mean ± sample sd over training seeds (the seeds column: how many, and which; one seed: its value, no spread); full catalog, validation-selected, "
@@ -237,22 +247,25 @@ def set_aside(run_dir: Path) -> Path | None:
     return aside
 
 
-def same_retest(record_path: Path, run_dir: Path, overrides: list[str], step: int) -> bool:
-    """Whether the retest recorded in ``record_path`` (its ``retest.json``) is of ``run_dir`` at
-    ``step`` with ``overrides``: ``--reuse`` then reads it rather than testing again."""
-    if not record_path.exists():
+def same_retest(retest_dir: Path, run_dir: Path, overrides: list[str]) -> bool:
+    """Whether ``retest_dir`` holds a finished retest of the finished run in ``run_dir`` (the same
+    ``metrics.json``, by digest) with ``overrides``: ``--reuse`` then reads it rather than
+    testing again."""
+    from launcher.retest import metrics_digest
+
+    if not (retest_dir / "metrics.json").exists() or not (retest_dir / "retest.json").exists():
         return False
-    record = json.loads(record_path.read_text())
-    return (record.get("overrides") == overrides and record.get("step") == step
-            and Path(record.get("retest_of", "")).resolve() == run_dir.resolve())
+    record = json.loads((retest_dir / "retest.json").read_text())
+    return record.get("overrides") == overrides and record.get("run_metrics_sha256") == metrics_digest(run_dir)
 
 
 def retest_run(row: Row, run_dir: Path, metrics: dict[str, Any], reuse: bool, nproc: int) -> int:
     """Test the finished run in ``run_dir`` again under each of ``row.retests`` (``launcher/retest.py``)
     into ``metrics["retests"][label]`` (its overrides, test, popularity test, the retest's run name).
-    With ``reuse``, a retest already written for this run's last step with the same overrides is
-    read, not run; a retest run again sets its earlier folder aside (``set_aside``). Returns how
-    many failed (their line in the table then reads "not run")."""
+    The retest's folder is ``<run>-<label>`` beside the run's. With ``reuse``, a retest already
+    written for this very run (``same_retest``) is read, not run; a retest run again sets its
+    earlier folder aside (``set_aside``). Returns how many failed; a failure is reported and the
+    table still written (the seed is then listed as not retested)."""
     from launcher import retest
     from launcher.commands import run_job
 
@@ -260,33 +273,29 @@ def retest_run(row: Row, run_dir: Path, metrics: dict[str, Any], reuse: bool, np
     for label, overrides in row.retests.items():
         name = f"{run_dir.name}-{label}"
         out = run_dir.parent / name
-        if not (reuse and (out / "metrics.json").exists()
-                and same_retest(out / "retest.json", run_dir, overrides, metrics["steps"])):
-            print(f"[reproduce] {row.name}: retest {label} of {run_dir.name} ({' '.join(overrides)})",
-                  file=sys.stderr, flush=True)
-            set_aside(out)
-            try:
+        try:
+            if not (reuse and same_retest(out, run_dir, overrides)):
+                print(f"[reproduce] {row.name}: retest {label} of {run_dir.name} ({' '.join(overrides)})",
+                      file=sys.stderr, flush=True)
+                set_aside(out)
                 config_path, world = retest.prepare(run_dir, overrides, name)
-            except ConfigError as exc:
-                print(f"[reproduce] {row.name} retest {label} failed: {exc}", file=sys.stderr)
-                failed += 1
-                continue
-            if world != nproc:
-                print(f"[reproduce] {run_dir.name} ran on {world} ranks: its retest runs on {world}", file=sys.stderr)
-            if run_job(str(config_path), [], world) != 0:
-                print(f"[reproduce] {row.name} retest {label} of {run_dir.name} failed", file=sys.stderr)
-                failed += 1
-                continue
-        retested = json.loads((out / "metrics.json").read_text())
-        metrics.setdefault("retests", {})[label] = {"overrides": list(overrides), "run": name,
-                                                    "test": retested["test"],
-                                                    "popularity_test": retested["popularity_test"]}
+                if world != nproc:
+                    print(f"[reproduce] {run_dir.name} ran on {world} ranks: its retest runs on {world}", file=sys.stderr)
+                if run_job(str(config_path), [], world) != 0:
+                    raise RuntimeError(f"the job failed (its log: {out / 'train.log'})")
+            retested = json.loads((out / "metrics.json").read_text())
+            metrics.setdefault("retests", {})[label] = {"overrides": list(overrides), "run": name,
+                                                        "test": retested["test"],
+                                                        "popularity_test": retested["popularity_test"]}
+        except (ConfigError, RuntimeError, OSError, KeyError, ValueError) as exc:
+            print(f"[reproduce] {row.name} retest {label} of {run_dir.name} failed: {exc}", file=sys.stderr)
+            failed += 1
     return failed
 
 
 def run(args) -> int:
     from launcher.commands import run_job
-    from launcher.retest import check_overrides
+    from launcher.retest import check_overrides, check_retestable
     from recsys_dist.train.report import plot_learning_curves
 
     table = Table.load(args.table)
@@ -299,9 +308,10 @@ def run(args) -> int:
     for row in rows:  # every config and retest loads before anything trains
         for seed in table.seeds:
             job = job_overrides(table, row, seed, args.overrides)
-            load_config(REPO_ROOT / row.config, job)
+            cfg = load_config(REPO_ROOT / row.config, job)
             for label, overrides in row.retests.items():
                 try:
+                    check_retestable(cfg, "its job")
                     check_overrides(overrides)
                     load_config(REPO_ROOT / row.config, [*job, *overrides])  # type-checks the values
                 except ConfigError as exc:
@@ -314,7 +324,7 @@ def run(args) -> int:
     t0 = time.perf_counter()
     results: dict[str, list[dict[str, Any]]] = {}
     curves = []
-    failed = reused = 0
+    failed = reused = retests_failed = 0
     for row in rows:
         for seed in table.seeds:
             overrides = job_overrides(table, row, seed, args.overrides)
@@ -336,7 +346,7 @@ def run(args) -> int:
             else:
                 reused += 1
             m = json.loads(path.read_text())
-            failed += retest_run(row, cfg.run_dir(), m, args.reuse and not trained, args.nproc_per_node)
+            retests_failed += retest_run(row, cfg.run_dir(), m, args.reuse and not trained, args.nproc_per_node)
             results.setdefault(row.name, []).append(m)
             curves.append((row.name, seed, [tuple(v) for v in m["validation"]]))
     kept = kept_results(table, {name: {run_seed(m) for m in runs} for name, runs in results.items()}, previous)
@@ -352,6 +362,9 @@ def run(args) -> int:
                                                     "time is the table's train min" if reused else "") + ")."
     if failed:
         text += f" **{failed} run(s) failed now** (an earlier run of the same seed, if any, is shown)."
+    if retests_failed:
+        text += (f" **{retests_failed} retest(s) failed now** (their runs are shown; each retest line names "
+                 "the seeds it holds).")
     if kept:
         shown_source = source.relative_to(REPO_ROOT) if source.is_relative_to(REPO_ROOT) else source
         text += (f" Runs kept from {shown_source}: "
@@ -366,7 +379,7 @@ def run(args) -> int:
     (out / f"{table.name}.json").write_text(json.dumps(results, indent=1, default=str))
     plot_learning_curves(curves, out / f"{table.name}_curves.png", metric)
     print("\n" + text)
-    return 1 if failed else 0
+    return 1 if failed or retests_failed else 0
 
 
 def add_arguments(p) -> None:

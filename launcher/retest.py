@@ -10,7 +10,7 @@ gives the same state's test under that candidate set::
     # -> runs/repro-ml1m-sasrec-allpos-s0-retest/metrics.json (+ retest.json)
 
 How: the run's stored config (its ``metrics.json``) plus the ``eval.*`` overrides becomes a job
-named ``--name`` (default ``<run>-retest``) that resumes from the run's own checkpoints. The
+named ``--name`` (default ``<run>-retest``, a folder beside the run's) that resumes from the run's own checkpoints. The
 job resumes at the run's last step, where training is done, so it trains nothing and writes
 no checkpoint. It restores the state the run selected on validation and tests it. The run's
 directory is not written to.
@@ -34,6 +34,7 @@ measured under the run's own protocol, and ``retest.json`` says so.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 from pathlib import Path
 
@@ -62,9 +63,24 @@ def check_overrides(overrides: list[str]) -> None:
         raise ConfigError(f"{' '.join(selection)} decides the selection, which a retest keeps: retrain to change it")
 
 
+def check_retestable(cfg, what: str) -> None:
+    """ConfigError unless a job of config ``cfg`` leaves a state to retest (``what`` names it)."""
+    if cfg.model.name == "diffrec":
+        raise ConfigError(f"{what}: a DiffRec job writes no checkpoints (recsys_dist/train/diffrec_job.py): nothing to retest")
+    if not cfg.checkpoint.enabled:
+        raise ConfigError(f"{what}: trained with checkpoint.enabled=false: no state to retest")
+
+
+def metrics_digest(run: Path) -> str:
+    """sha256 of the run's ``metrics.json``: which finished run a retest tested (a run trained
+    again at the same path has another)."""
+    return hashlib.sha256((run / "metrics.json").read_bytes()).hexdigest()
+
+
 def retest_job(run: Path, overrides: list[str], name: str | None) -> tuple[dict, dict]:
     """(the retest's config dict, what retest.json records) for a finished run; ConfigError when
-    it is not one or an override is not an eval setting."""
+    it is not one or an override is not an eval setting. The retest's folder is ``<name>`` beside
+    the run's (wherever the run's stored output_dir was)."""
     from recsys_dist.train.checkpoint import complete_steps
 
     check_overrides(overrides)
@@ -76,10 +92,7 @@ def retest_job(run: Path, overrides: list[str], name: str | None) -> tuple[dict,
     if now is None:
         raise ConfigError(f"{run}: its stored config has fields this version removed or retyped: cannot retest it")
     stored = config_from_dict(now)
-    if stored.model.name == "diffrec":
-        raise ConfigError(f"{run}: a DiffRec job writes no checkpoints (recsys_dist/train/diffrec_job.py): nothing to retest")
-    if not stored.checkpoint.enabled:
-        raise ConfigError(f"{run}: trained with checkpoint.enabled=false: no state to retest")
+    check_retestable(stored, str(run))
     url = stored.checkpoint.url
     ckpt_url = str(Path(url).resolve()) if url and "://" not in url else url or str((run / "checkpoints").resolve())
     steps = complete_steps(ckpt_url)
@@ -88,14 +101,16 @@ def retest_job(run: Path, overrides: list[str], name: str | None) -> tuple[dict,
                           f"{steps[-1] if steps else 'none'}, not the step it finished at ({metrics['steps']}): "
                           "resuming would train (retest needs the run's last checkpoint)")
     name = name or f"{run.name}-retest"
-    if (Path(stored.output_dir) / name).resolve() in (run.resolve(), (Path(stored.output_dir) / stored.name).resolve()):
+    if (run.parent / name).resolve() in (run.resolve(), (run.parent / stored.name).resolve()):
         raise ConfigError(f"--name {name} is the run's own directory: a retest writes its own")
     cfg = stored.to_dict()
-    cfg.update(name=name, checkpoint={**cfg["checkpoint"], "url": ckpt_url, "resume": True})
+    cfg.update(name=name, output_dir=str(run.parent),
+               checkpoint={**cfg["checkpoint"], "url": ckpt_url, "resume": True})
     cfg["eval"].update(parse_overrides(overrides).get("eval", {}))
     config_from_dict(cfg)  # type-check the overrides now (one-line ConfigError)
     record = {"retest_of": str(run), "checkpoint": ckpt_url, "step": metrics["steps"],
               "overrides": list(overrides), "selected_step": metrics.get("selected_step"),
+              "run_metrics_sha256": metrics_digest(run),
               "note": "the selected state and the validation history are the run's, under its own "
                       "eval settings; only the test is recomputed under the overrides"}
     return cfg, record
@@ -103,7 +118,8 @@ def retest_job(run: Path, overrides: list[str], name: str | None) -> tuple[dict,
 
 def prepare(run_dir: Path, overrides: list[str], name: str | None) -> tuple[Path, int]:
     """Check (``retest_job``) and write the retest's ``retest-config.yaml`` and ``retest.json``
-    under ``runs/<name>/``; returns (the config's path, the run's world size) to launch it with."""
+    into its folder beside the run's; returns (the config's path, the run's world size) to
+    launch it with. The retest's ``metrics.json`` lands in the same folder."""
     cfg, record = retest_job(run_dir, overrides, name)
     out = Path(cfg["output_dir"]) / cfg["name"]
     out.mkdir(parents=True, exist_ok=True)

@@ -288,17 +288,19 @@ def test_reproduce_writes_its_table_when_a_config_breaks_while_the_runs_train(tm
     assert (out / "t_curves.png").stat().st_size > 0
 
 
-@pytest.mark.parametrize("retest, message", [(["train.lr=0.1"], "the evaluation only"),
-                                             (["eval.select_metric=HR@10"], "decides the selection"),
-                                             (["eval.mask_scope=window"], "eval.mask_scope")])
-def test_reproduce_refuses_a_bad_retest_before_anything_trains(tmp_path, monkeypatch, retest, message) -> None:
+@pytest.mark.parametrize("config, retest, message", [
+    ("ml1m_sasrec-allpos", ["train.lr=0.1"], "the evaluation only"),
+    ("ml1m_sasrec-allpos", ["eval.select_metric=HR@10"], "decides the selection"),
+    ("ml1m_sasrec-allpos", ["eval.mask_scope=window"], "eval.mask_scope"),
+    ("ml1m-diffrec_diffrec", ["eval.mask_history=true"], "writes no checkpoints")])
+def test_reproduce_refuses_a_bad_retest_before_anything_trains(tmp_path, monkeypatch, config, retest, message) -> None:
     import argparse
 
     import launcher.commands
     import launcher.reproduce as rp
     from recsys_dist.config import ConfigError
 
-    row = rp.Row(name="a", config=str(REPO_ROOT / "configs/ml1m_sasrec-allpos.yaml"), retests={"x": retest})
+    row = rp.Row(name="a", config=str(REPO_ROOT / f"configs/{config}.yaml"), retests={"x": retest})
     monkeypatch.setattr(rp.Table, "load", classmethod(lambda cls, name: rp.Table(name, [0], [row])))
     monkeypatch.setattr(rp, "REPO_ROOT", tmp_path)
     monkeypatch.setattr(launcher.commands, "run_job", lambda *a, **k: pytest.fail("a job launched"))
@@ -306,3 +308,16 @@ def test_reproduce_refuses_a_bad_retest_before_anything_trains(tmp_path, monkeyp
                               no_merge=True, overrides=[])
     with pytest.raises(ConfigError, match=f"row 'a' retest 'x': .*{message}"):
         rp.run(args)
+
+
+def test_reproduce_table_refuses_malformed_retests(tmp_path, monkeypatch) -> None:
+    import launcher.reproduce as rp
+    from recsys_dist.config import ConfigError
+
+    (tmp_path / "configs" / "reproduce").mkdir(parents=True)
+    monkeypatch.setattr(rp, "REPO_ROOT", tmp_path)
+    for retests in ("[eval.mask_history=true]", "{x: eval.mask_history=true}", "{a/b: [eval.mask_history=true]}"):
+        (tmp_path / "configs" / "reproduce" / "t.yaml").write_text(
+            f"rows:\n  - name: a\n    config: c.yaml\n    retests: {retests}\n")
+        with pytest.raises(ConfigError, match="row 'a': retests must map a label"):
+            rp.Table.load("t")

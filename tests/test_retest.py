@@ -127,7 +127,9 @@ def test_retest_refuses_what_it_cannot_test_unchanged(finished, tmp_path):
 def test_reproduce_retests_each_run_and_shows_the_retest_as_its_own_line(shards, tmp_path, monkeypatch):
     # a table row with a retest: reproduce trains the run (a real 2-rank job), retests its
     # selected state (a real job), and the table's "[masked]" line and the results json hold the
-    # retest's own test, which differs from the row's; --reuse then reads both, running nothing
+    # retest's own test, which differs from the row's; --reuse then reads both, running nothing;
+    # --reuse with the retest's overrides changed runs the retest alone again, setting the old
+    # one aside; a retest that cannot run is reported and the table still written
     import argparse
 
     import launcher.commands
@@ -148,22 +150,38 @@ def test_reproduce_retests_each_run_and_shows_the_retest_as_its_own_line(shards,
     runs = tmp_path / "runs"
     run = json.loads((runs / "repro-t-a-s0" / "metrics.json").read_text())
     retest = json.loads((runs / "repro-t-a-s0-masked" / "metrics.json").read_text())
-    assert json.loads((runs / "repro-t-a-s0-masked" / "retest.json").read_text())["overrides"] == \
-        ["eval.mask_history=true"]
     assert retest["protocol"]["mask_history"] is True and retest["selected_step"] == run["selected_step"]
     assert retest["test"]["NDCG@10"] != run["test"]["NDCG@10"]
+    assert retest["popularity_test"]["HR@10"] != run["popularity_test"]["HR@10"]
     stored = json.loads((runs / "reproduce" / "t.json").read_text())["a"][0]
     assert stored["retests"]["masked"]["test"] == retest["test"]
     assert stored["retests"]["masked"]["popularity_test"] == retest["popularity_test"]
     text = (runs / "reproduce" / "t.md").read_text()
     line = next(x for x in text.splitlines() if x.startswith("| a [masked] |"))
     assert line.split("|")[2].strip() == f"{100 * retest['test']['HR@10']:.2f}"
-    assert "eval.mask_history=true" in line
     assert f"| popularity [masked] | {100 * retest['popularity_test']['HR@10']:.2f} |" in text
 
-    def no_job(*a, **k):
-        raise AssertionError("--reuse launched a job although the run and its retest are written")
+    real_run_job = launcher.commands.run_job
+    launched = []
 
-    monkeypatch.setattr(launcher.commands, "run_job", no_job)
-    assert rp.run(argparse.Namespace(**{**vars(args), "reuse": True})) == 0
+    def counted(config, overrides, nproc):
+        launched.append(Path(config).parent.name)
+        return real_run_job(config, overrides, nproc)
+
+    monkeypatch.setattr(launcher.commands, "run_job", counted)
+    reuse = argparse.Namespace(**{**vars(args), "reuse": True})
+    assert rp.run(reuse) == 0 and launched == []
     assert json.loads((runs / "reproduce" / "t.json").read_text())["a"][0]["retests"] == stored["retests"]
+
+    row.retests = {"masked": ["eval.mask_history=true", "eval.mask_scope=input"]}
+    assert rp.run(reuse) == 0 and launched == ["repro-t-a-s0-masked"]
+    assert [p.name for p in runs.glob("repro-t-a-s0-masked.replaced-*")], "the earlier retest was not set aside"
+    again = json.loads((runs / "repro-t-a-s0-masked" / "metrics.json").read_text())
+    assert again["protocol"]["mask_scope"] == "input"
+
+    (runs / "repro-t-a-s0" / "checkpoints").rename(runs / "moved")  # the retest cannot run now
+    row.retests = {"masked": ["eval.mask_history=false"]}
+    assert rp.run(reuse) == 1
+    text = (runs / "reproduce" / "t.md").read_text()
+    assert "| a [masked] | not run |" in text and "not retested: seed 0" in text
+    assert "1 retest(s) failed now" in text and "| a | " in text
