@@ -153,7 +153,7 @@ def summarize(table: Table, results: dict[str, list[dict[str, Any]]], command: s
         for label, overrides in row.retests.items():
             retested = [r for r in runs if r.get("retests", {}).get(label, {}).get("overrides") == overrides]
             missing = [run_seed(r) for r in runs if r not in retested]
-            where = (f"{row.target}; this line: the row's state{'s' if len(retested) > 1 else ''} tested with "
+            where = ((f"{row.target}; " if row.target else "") + f"this line: the row's state{'s' if len(retested) > 1 else ''} tested with "
                      f"{' '.join(overrides)}" + (f"; not retested: seed {', '.join(map(str, missing))}" if missing else ""))
             if not retested:
                 lines.append(f"| {row.name} [{label}] | " + " | ".join("not run" for _ in cols) + f" | | | {where} | 0 | | |")
