@@ -98,6 +98,28 @@ def init_distributed(device: torch.device, timeout_s: float = 600.0) -> tuple[in
     return dist.get_rank(), dist.get_world_size()
 
 
+def shutdown() -> None:
+    """Destroy every process group at the end of a rank's job (no-op without one).
+
+    Goes through DeepSpeed's ``destroy_process_group`` when DeepSpeed set up its communication
+    backend, which also drops the groups DeepSpeed holds (its world-group clone, the data-parallel
+    group of every parameter); otherwise ``torch.distributed.destroy_process_group``. No collective
+    may follow. Even so, the job's two gloo backends keep their worker threads after this
+    (held outside Python); a rank should then leave without interpreter finalization, as
+    ``python -m recsys_dist.train`` does (docs/faults.md, "A finished rank exits cleanly").
+    """
+    if not dist_active():
+        return
+    try:
+        import deepspeed.comm as ds_comm
+    except ImportError:  # pragma: no cover - deepspeed is a dependency
+        ds_comm = None
+    if ds_comm is not None and ds_comm.is_initialized():
+        ds_comm.destroy_process_group()
+    else:
+        dist.destroy_process_group()
+
+
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (dense init is the same on every rank and world size)."""
     random.seed(seed)

@@ -85,4 +85,8 @@ def torchrun_reference(launch_shards, tmp_path_factory):
                         f"data.shards_url={launch_shards}", f"output_dir={out}"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
-    return json.loads((out / "job" / "metrics.json").read_text())
+    metrics = json.loads((out / "job" / "metrics.json").read_text())
+    # the worker leaves with os._exit: what rank 0 printed must still reach a pipe, whole
+    printed = json.loads(p.stdout.strip().splitlines()[-1])
+    assert printed["test"] == metrics["test"] and printed["popularity_test"] == metrics["popularity_test"]
+    return metrics
