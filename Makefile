@@ -18,7 +18,7 @@ demo: install
 	$(PY) -m launcher demo
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 clean:
 	rm -rf runs shards_out .pytest_cache
