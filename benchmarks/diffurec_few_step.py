@@ -148,3 +148,6 @@ def _plot(rows: list[dict], T: int, path: Path) -> None:
 
 if __name__ == "__main__":
     main()
+    from recsys_dist.distributed import exit_without_finalization, shutdown
+    shutdown()  # a finished 2-rank DeepSpeed job: leave as the trainer does (docs/faults.md)
+    exit_without_finalization(0)

@@ -600,3 +600,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    from recsys_dist.distributed import exit_without_finalization, shutdown
+    shutdown()  # a finished 2-rank DeepSpeed job: leave as the trainer does (docs/faults.md)
+    exit_without_finalization(0)

@@ -102,11 +102,11 @@ def shutdown() -> None:
     """Destroy every process group at the end of a rank's job (no-op without one).
 
     Goes through DeepSpeed's ``destroy_process_group`` when DeepSpeed set up its communication
-    backend, which also drops the groups DeepSpeed holds (its world-group clone, the data-parallel
-    group of every parameter); otherwise ``torch.distributed.destroy_process_group``. No collective
-    may follow. Even so, the job's two gloo backends keep their worker threads after this
-    (held outside Python); a rank should then leave without interpreter finalization, as
-    ``python -m recsys_dist.train`` does (docs/faults.md, "A finished rank exits cleanly").
+    backend, which also clears DeepSpeed's module-level group references (its clone of the world
+    group among them); otherwise ``torch.distributed.destroy_process_group``. No collective may
+    follow. Even so, the job's two gloo backends keep their worker threads after this, so a rank
+    should then leave with :func:`exit_without_finalization` (docs/faults.md, "A finished rank
+    exits cleanly").
     """
     if not dist_active():
         return
@@ -118,6 +118,29 @@ def shutdown() -> None:
         ds_comm.destroy_process_group()
     else:
         dist.destroy_process_group()
+
+
+def exit_without_finalization(code: int) -> None:
+    """Flush what this process wrote and leave at once with ``code``, skipping interpreter
+    finalization (call after :func:`shutdown`, with every output of the job closed).
+
+    Flushes the logging handlers, Python's stdout / stderr and C stdio (``fflush(NULL)``: native
+    libraries' prints), then ``os._exit``. Why: the gloo worker threads that outlive
+    ``destroy_process_group`` in this job once aborted a rank that had finished its work
+    (SIGABRT in teardown, "terminate called without an active exception"), failing a finished
+    job; leaving here removes that window (docs/faults.md).
+    """
+    import ctypes
+    import sys
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError):  # pragma: no cover - no C library to flush
+        pass
+    os._exit(code)
 
 
 def seed_everything(seed: int) -> None:

@@ -37,23 +37,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def exit_without_finalization(code: int) -> None:
-    """Flush what this rank wrote and leave at once, skipping interpreter finalization.
-
-    Everything of the job is on disk by now (``fit`` closed its report, checkpoints and
-    metrics.json; log handlers flush every record). Gloo's worker threads outlive
-    ``destroy_process_group`` in this job, and a rank that had finished its work was once seen
-    to abort in teardown (SIGABRT, "terminate called without an active exception", 1 launch of
-    a test suite's ~100), failing a finished job; exiting here leaves no such window.
-    """
-    import logging
-    import os
-
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
 if __name__ == "__main__":
+    from recsys_dist.distributed import exit_without_finalization
     exit_without_finalization(main())
